@@ -1,0 +1,25 @@
+//! The replica wire protocol, shared by every process that speaks it.
+//!
+//! The engine (client) and the replica daemon (server) both use these types;
+//! neither defines a frame of its own. A connection starts with a versioned
+//! handshake ([`Hello`] / [`Welcome`]), then carries pipelined requests, each
+//! tagged with a request id; replies may come back in any order.
+//!
+//! This crate owns the bytes on the wire and nothing else: it never touches a
+//! disk and never decides what a request means.
+
+pub mod codec;
+pub mod error;
+pub mod frame;
+pub mod message;
+pub mod units;
+
+pub use codec::{FrameReader, FrameWriter};
+pub use error::{ErrorCode, ProtoError, RemoteError};
+pub use frame::{EncodedFrame, RawFrame, FRAME_HEADER_LEN, MAGIC, MAX_BODY_LEN, MAX_IO_LEN};
+pub use message::{Hello, Reply, Request, VolumeInfo, Welcome};
+pub use units::{Generation, NameError, VolumeName};
+
+/// The protocol version this build speaks. Bumped on any incompatible change
+/// to a frame's layout or meaning.
+pub const PROTOCOL_VERSION: u8 = 1;
