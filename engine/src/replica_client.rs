@@ -1,0 +1,299 @@
+//! A pipelined connection to one replica daemon.
+//!
+//! Callers issue requests from any task; each gets a fresh request id, its
+//! frame is queued for a writer task that sends queued frames together in one
+//! vectored write, and a reader task matches replies to waiters by id, in
+//! whatever order they arrive. When the connection breaks, every waiter gets
+//! an error at once and every later call fails fast: nothing ever waits on a
+//! dead socket.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use shorthorn_proto::{
+    EncodedFrame, FrameReader, FrameWriter, Generation, Hello, ProtoError, RemoteError, Reply,
+    Request, VolumeInfo, Welcome, PROTOCOL_VERSION,
+};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tracing::debug;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to replica {addr}: {reason}")]
+    Connect { addr: String, reason: String },
+    #[error("replica {addr} did not answer within {timeout:?}")]
+    Timeout { addr: String, timeout: Duration },
+    #[error("connection to replica {addr} is closed: {reason}")]
+    Closed { addr: String, reason: String },
+    #[error("replica {addr}: {error}")]
+    Remote { addr: String, error: RemoteError },
+    #[error("replica {addr} sent an unexpected {what}")]
+    Unexpected { addr: String, what: String },
+}
+
+impl ClientError {
+    /// The replica's own error, if that is what this is.
+    pub fn remote(&self) -> Option<&RemoteError> {
+        match self {
+            ClientError::Remote { error, .. } => Some(error),
+            _ => None,
+        }
+    }
+}
+
+type Waiter = oneshot::Sender<Result<Reply, ClientError>>;
+
+struct Shared {
+    addr: String,
+    pending: Mutex<HashMap<u64, Waiter>>,
+    /// Set once the connection is known dead; holds why.
+    closed: Mutex<Option<String>>,
+    is_closed: AtomicBool,
+}
+
+impl Shared {
+    fn fail_all(&self, reason: String) {
+        let waiters: Vec<Waiter> = {
+            let mut closed = self.closed.lock().unwrap();
+            if closed.is_none() {
+                *closed = Some(reason.clone());
+            }
+            self.is_closed.store(true, Ordering::Release);
+            self.pending.lock().unwrap().drain().map(|(_, w)| w).collect()
+        };
+        for w in waiters {
+            let _ = w.send(Err(ClientError::Closed {
+                addr: self.addr.clone(),
+                reason: reason.clone(),
+            }));
+        }
+    }
+
+    fn closed_error(&self) -> ClientError {
+        ClientError::Closed {
+            addr: self.addr.clone(),
+            reason: self
+                .closed
+                .lock()
+                .unwrap()
+                .clone()
+                .unwrap_or_else(|| "closed".into()),
+        }
+    }
+}
+
+pub struct ReplicaClient {
+    shared: Arc<Shared>,
+    tx: mpsc::UnboundedSender<EncodedFrame>,
+    next_id: AtomicU64,
+    timeout: Duration,
+    welcome: Welcome,
+    tasks: [JoinHandle<()>; 2],
+}
+
+impl ReplicaClient {
+    /// Connects and says hello. `volume` empty opens an admin session;
+    /// `generation` zero opens a look-only volume session.
+    pub async fn connect(
+        addr: &str,
+        client: &str,
+        volume: &str,
+        generation: Generation,
+        timeout: Duration,
+    ) -> Result<ReplicaClient, ClientError> {
+        let connect_err = |reason: String| ClientError::Connect {
+            addr: addr.to_string(),
+            reason,
+        };
+        let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| connect_err(format!("no answer within {timeout:?}")))?
+            .map_err(|e| connect_err(e.to_string()))?;
+        stream
+            .set_nodelay(true)
+            .map_err(|e| connect_err(e.to_string()))?;
+        let (rd, wr) = stream.into_split();
+        let mut reader = FrameReader::new(rd);
+        let mut writer = FrameWriter::new(wr);
+
+        let hello = Request::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            client: client.to_string(),
+            volume: volume.to_string(),
+            generation,
+        });
+        let handshake = async {
+            writer.write_frame(&hello.encode(0)).await?;
+            match reader.read_frame().await? {
+                Some(frame) => Reply::decode(&frame),
+                None => Err(ProtoError::Truncated),
+            }
+        };
+        let reply = tokio::time::timeout(timeout, handshake)
+            .await
+            .map_err(|_| connect_err(format!("no handshake answer within {timeout:?}")))?
+            .map_err(|e| connect_err(e.to_string()))?;
+        let welcome = match reply {
+            Reply::Welcome(w) => w,
+            Reply::Error(error) => {
+                return Err(ClientError::Remote {
+                    addr: addr.to_string(),
+                    error,
+                })
+            }
+            other => return Err(connect_err(format!("unexpected handshake answer {other:?}"))),
+        };
+
+        let shared = Arc::new(Shared {
+            addr: addr.to_string(),
+            pending: Mutex::new(HashMap::new()),
+            closed: Mutex::new(None),
+            is_closed: AtomicBool::new(false),
+        });
+        let (tx, rx) = mpsc::unbounded_channel();
+        let reader_task = tokio::spawn(read_replies(reader, shared.clone()));
+        let writer_task = tokio::spawn(write_requests(writer, rx, shared.clone()));
+        Ok(ReplicaClient {
+            shared,
+            tx,
+            next_id: AtomicU64::new(1),
+            timeout,
+            welcome,
+            tasks: [reader_task, writer_task],
+        })
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.shared.addr
+    }
+
+    pub fn welcome(&self) -> &Welcome {
+        &self.welcome
+    }
+
+    /// The bound volume as the replica described it in its welcome.
+    pub fn volume(&self) -> Option<&VolumeInfo> {
+        self.welcome.volume.as_ref()
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.shared.is_closed.load(Ordering::Acquire)
+    }
+
+    /// Sends one request and waits for its reply, at most the IO timeout.
+    /// A replica's error answer comes back as [`ClientError::Remote`].
+    pub async fn call(&self, request: Request) -> Result<Reply, ClientError> {
+        if self.is_closed() {
+            return Err(self.shared.closed_error());
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (wtx, wrx) = oneshot::channel();
+        self.shared.pending.lock().unwrap().insert(id, wtx);
+        // Checked again after registering, so a close racing with this call
+        // either drained our waiter or is seen here.
+        if self.is_closed() {
+            self.shared.pending.lock().unwrap().remove(&id);
+            return Err(self.shared.closed_error());
+        }
+        if self.tx.send(request.encode(id)).is_err() {
+            self.shared.pending.lock().unwrap().remove(&id);
+            return Err(self.shared.closed_error());
+        }
+        match tokio::time::timeout(self.timeout, wrx).await {
+            Ok(Ok(Ok(Reply::Error(error)))) => Err(ClientError::Remote {
+                addr: self.shared.addr.clone(),
+                error,
+            }),
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(self.shared.closed_error()),
+            Err(_) => {
+                self.shared.pending.lock().unwrap().remove(&id);
+                Err(ClientError::Timeout {
+                    addr: self.shared.addr.clone(),
+                    timeout: self.timeout,
+                })
+            }
+        }
+    }
+
+    /// Like [`call`](Self::call), expecting [`Reply::Done`].
+    pub async fn call_done(&self, request: Request) -> Result<(), ClientError> {
+        match self.call(request).await? {
+            Reply::Done => Ok(()),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    pub fn unexpected(&self, reply: &Reply) -> ClientError {
+        ClientError::Unexpected {
+            addr: self.shared.addr.clone(),
+            what: format!("{reply:?}").chars().take(120).collect(),
+        }
+    }
+
+    /// Closes the connection now; in-flight calls fail at once.
+    pub fn close(&self, reason: &str) {
+        self.shared.fail_all(reason.to_string());
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for ReplicaClient {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+async fn read_replies(mut reader: FrameReader<tokio::net::tcp::OwnedReadHalf>, shared: Arc<Shared>) {
+    let reason = loop {
+        let frame = match reader.read_frame().await {
+            Ok(Some(f)) => f,
+            Ok(None) => break "replica closed the connection".to_string(),
+            Err(e) => break format!("receive failed: {e}"),
+        };
+        let reply = match Reply::decode(&frame) {
+            Ok(r) => r,
+            Err(e) => break format!("undecodable reply: {e}"),
+        };
+        let waiter = shared.pending.lock().unwrap().remove(&frame.id);
+        match waiter {
+            Some(w) => {
+                let _ = w.send(Ok(reply));
+            }
+            // A reply to a request that timed out: nobody waits any more.
+            None if frame.id != 0 => debug!(id = frame.id, "late reply dropped"),
+            // Id 0 is the replica speaking about the connection itself
+            // (it is about to close it).
+            None => {
+                if let Reply::Error(e) = reply {
+                    break format!("replica closed the connection: {e}");
+                }
+            }
+        }
+    };
+    debug!(addr = %shared.addr, %reason, "replica connection ended");
+    shared.fail_all(reason);
+}
+
+async fn write_requests(
+    mut writer: FrameWriter<tokio::net::tcp::OwnedWriteHalf>,
+    mut rx: mpsc::UnboundedReceiver<EncodedFrame>,
+    shared: Arc<Shared>,
+) {
+    let mut batch = Vec::with_capacity(64);
+    while rx.recv_many(&mut batch, 64).await > 0 {
+        if let Err(e) = writer.write_frames(&batch).await {
+            shared.fail_all(format!("send failed: {e}"));
+            return;
+        }
+        batch.clear();
+    }
+}
