@@ -1,6 +1,7 @@
 //! The per-volume engine: serves one volume to clients over NBD and mirrors
 //! every write to each of the volume's replicas.
 
+pub mod nbd;
 pub mod range_lock;
 pub mod replica_client;
 pub mod volume;

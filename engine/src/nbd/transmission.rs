@@ -1,0 +1,309 @@
+//! The transmission phase of one connection: requests in, replies out.
+//!
+//! Owns the read half of the socket after the handshake. It parses requests
+//! one after another, checks each before the backend sees it, hands good ones
+//! to the backend in arrival order and lets them complete concurrently; their
+//! replies go to the connection's single writer in completion order. It bounds
+//! how many requests (and payload bytes) one connection may have in flight, so
+//! a fast client waits instead of growing the server's memory. It never calls
+//! the backend for a request that failed its checks, and never replies to a
+//! request twice.
+
+use std::io;
+use std::sync::Arc;
+
+use bytes::{BufMut, BytesMut};
+use futures::FutureExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tracing::Instrument;
+
+use super::error::NbdError;
+use super::proto::{self, RequestHeader};
+use super::request::{self, Op};
+use super::writer::{self, Reply};
+use super::NbdBackend;
+
+/// Requests one connection may have in flight.
+pub const MAX_INFLIGHT_REQUESTS: usize = 256;
+/// READ and WRITE payload bytes one connection may have in flight; two
+/// maximum-sized requests fit.
+pub const MAX_INFLIGHT_BYTES: usize = 2 * proto::MAX_BLOCK_SIZE as usize;
+/// An oversized WRITE up to this length is read and thrown away (and answered
+/// with EINVAL); anything longer ends the connection.
+pub const MAX_DISCARDED_WRITE: u32 = 2 * proto::MAX_BLOCK_SIZE;
+
+/// Why transmission ended without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// The client sent NBD_CMD_DISC.
+    Disconnect,
+    /// The client closed the socket between requests.
+    Eof,
+    /// The server is shutting down.
+    Shutdown,
+    /// The writer failed (client gone); the reader stopped.
+    WriterGone,
+}
+
+/// Counters reported when the connection closes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Stats {
+    pub requests: u64,
+    pub errors: u64,
+}
+
+/// Serves requests until the client disconnects, breaks the protocol or the
+/// server shuts down; returns once every in-flight request has been answered
+/// (or the socket failed).
+pub async fn run<R, W>(
+    reader: R,
+    writer: W,
+    backend: Arc<dyn NbdBackend>,
+    size: u64,
+    shutdown: watch::Receiver<bool>,
+) -> (io::Result<End>, Stats)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut reader = RequestReader {
+        reader,
+        backend,
+        size,
+        tx,
+        requests: Arc::new(Semaphore::new(MAX_INFLIGHT_REQUESTS)),
+        bytes: Arc::new(Semaphore::new(MAX_INFLIGHT_BYTES)),
+        stats: Stats::default(),
+    };
+    let read_side = async move {
+        let end = reader.run(shutdown).await;
+        // Dropping the reader drops its sender: the writer ends once the
+        // requests still in flight have replied.
+        (end, reader.stats)
+    };
+    let ((end, stats), written) = tokio::join!(read_side, writer::write_replies(writer, rx));
+    let end = match (end, written) {
+        (Err(e), _) => Err(e),
+        (Ok(_), Err(e)) => Err(e),
+        (Ok(end), Ok(())) => Ok(end),
+    };
+    (end, stats)
+}
+
+struct RequestReader<R> {
+    reader: R,
+    backend: Arc<dyn NbdBackend>,
+    size: u64,
+    tx: mpsc::UnboundedSender<Reply>,
+    requests: Arc<Semaphore>,
+    bytes: Arc<Semaphore>,
+    stats: Stats,
+}
+
+fn violation(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.into())
+}
+
+impl<R: AsyncRead + Unpin> RequestReader<R> {
+    async fn run(&mut self, mut shutdown: watch::Receiver<bool>) -> io::Result<End> {
+        loop {
+            let mut raw = [0u8; proto::REQUEST_HEADER_LEN];
+            tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|stop| *stop) => return Ok(End::Shutdown),
+                _ = self.tx.closed() => return Ok(End::WriterGone),
+                read = read_header(&mut self.reader, &mut raw) => {
+                    if !read? {
+                        return Ok(End::Eof);
+                    }
+                }
+            }
+            let header = RequestHeader::decode(&raw);
+            if header.magic != proto::REQUEST_MAGIC {
+                return Err(violation(format!("bad request magic {:#x}", header.magic)));
+            }
+            if header.command == proto::CMD_DISC {
+                return Ok(End::Disconnect);
+            }
+            self.stats.requests += 1;
+            self.handle(header).await?;
+        }
+    }
+
+    async fn handle(&mut self, header: RequestHeader) -> io::Result<()> {
+        let request_permit = acquire(&self.requests, 1).await;
+        let checked = request::check(&header, self.size);
+
+        if header.command == proto::CMD_WRITE {
+            // The payload follows on the wire whatever we think of the
+            // request, and must be consumed to find the next header.
+            if header.len > MAX_DISCARDED_WRITE {
+                return Err(violation(format!("write of {} bytes", header.len)));
+            }
+            if header.len > proto::MAX_BLOCK_SIZE {
+                let mut payload = (&mut self.reader).take(u64::from(header.len));
+                let skipped = tokio::io::copy(&mut payload, &mut tokio::io::sink()).await?;
+                if skipped != u64::from(header.len) {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+                self.reply_now(
+                    header.handle,
+                    NbdError::Invalid.to_wire(),
+                    vec![request_permit],
+                );
+                return Ok(());
+            }
+            let bytes_permit = acquire(&self.bytes, header.len).await;
+            let mut data = BytesMut::with_capacity(header.len as usize);
+            while data.len() < header.len as usize {
+                let want = header.len as usize - data.len();
+                if self.reader.read_buf(&mut (&mut data).limit(want)).await? == 0 {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+            }
+            let permits = vec![request_permit, bytes_permit];
+            match checked {
+                Ok(Op::Write { len: 0, .. }) => self.reply_now(header.handle, 0, permits),
+                Ok(Op::Write { offset, fua, .. }) => {
+                    let fut = self.backend.write(offset, data.freeze(), fua);
+                    self.complete(header.handle, fut.map(|r| (r, None)), permits);
+                }
+                Ok(other) => unreachable!("write checked as {other:?}"),
+                Err(e) => self.reply_error(header, e, permits),
+            }
+            return Ok(());
+        }
+
+        let permits = vec![request_permit];
+        match checked {
+            Err(e) => self.reply_error(header, e, permits),
+            Ok(Op::Read { len: 0, .. })
+            | Ok(Op::Trim { len: 0, .. })
+            | Ok(Op::WriteZeroes { len: 0, .. }) => self.reply_now(header.handle, 0, permits),
+            Ok(Op::Read { offset, len }) => {
+                let mut permits = permits;
+                permits.push(acquire(&self.bytes, len).await);
+                let fut = self.backend.read(offset, len);
+                let checked_read = fut.map(move |r| match r {
+                    Ok(data) if data.len() == len as usize => (Ok(()), Some(data)),
+                    Ok(data) => {
+                        tracing::error!(
+                            offset,
+                            len,
+                            got = data.len(),
+                            "backend returned a read of the wrong length"
+                        );
+                        (Err(NbdError::Io), None)
+                    }
+                    Err(e) => (Err(e), None),
+                });
+                self.complete(header.handle, checked_read, permits);
+            }
+            Ok(Op::Flush) => {
+                let fut = self.backend.flush();
+                self.complete(header.handle, fut.map(|r| (r, None)), permits);
+            }
+            Ok(Op::Trim { offset, len }) => {
+                let fut = self.backend.trim(offset, len);
+                self.complete(header.handle, fut.map(|r| (r, None)), permits);
+            }
+            Ok(Op::WriteZeroes { offset, len, fua }) => {
+                let fut = self.backend.write_zeroes(offset, len, fua);
+                self.complete(header.handle, fut.map(|r| (r, None)), permits);
+            }
+            Ok(Op::Write { .. }) | Ok(Op::Disconnect) => {
+                unreachable!("handled before the command was checked")
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for the backend in a task of its own, then queues the reply.
+    /// The backend call itself was made by the reader, so the backend sees
+    /// requests in the order they arrived.
+    fn complete<F>(&mut self, handle: u64, fut: F, permits: Vec<OwnedSemaphorePermit>)
+    where
+        F: std::future::Future<Output = (Result<(), NbdError>, Option<bytes::Bytes>)>
+            + Send
+            + 'static,
+    {
+        let tx = self.tx.clone();
+        tokio::spawn(
+            async move {
+                let (result, payload) = fut.await;
+                let error = match result {
+                    Ok(()) => 0,
+                    Err(e) => {
+                        tracing::debug!(handle, error = %e, "NBD request failed in the backend");
+                        e.to_wire()
+                    }
+                };
+                // The writer is gone only when the client is; nothing to do.
+                let _ = tx.send(Reply {
+                    handle,
+                    error,
+                    payload,
+                    permits,
+                });
+            }
+            .in_current_span(),
+        );
+    }
+
+    fn reply_error(
+        &mut self,
+        header: RequestHeader,
+        e: NbdError,
+        permits: Vec<OwnedSemaphorePermit>,
+    ) {
+        self.stats.errors += 1;
+        tracing::debug!(
+            command = header.command,
+            flags = header.flags,
+            offset = header.offset,
+            len = header.len,
+            error = %e,
+            "NBD request refused"
+        );
+        self.reply_now(header.handle, e.to_wire(), permits);
+    }
+
+    fn reply_now(&mut self, handle: u64, error: u32, permits: Vec<OwnedSemaphorePermit>) {
+        let _ = self.tx.send(Reply {
+            handle,
+            error,
+            payload: None,
+            permits,
+        });
+    }
+}
+
+/// Reads one request header. `Ok(false)` when the client closed the socket
+/// cleanly before its first byte; a header cut short is an error.
+async fn read_header<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    raw: &mut [u8; proto::REQUEST_HEADER_LEN],
+) -> io::Result<bool> {
+    let mut filled = 0;
+    while filled < raw.len() {
+        let n = reader.read(&mut raw[filled..]).await?;
+        if n == 0 {
+            return if filled == 0 {
+                Ok(false)
+            } else {
+                Err(violation("request header cut short"))
+            };
+        }
+        filled += n;
+    }
+    Ok(true)
+}
+
+async fn acquire(sem: &Arc<Semaphore>, n: u32) -> OwnedSemaphorePermit {
+    sem.clone()
+        .acquire_many_owned(n)
+        .await
+        .expect("in-flight semaphores are never closed")
+}
