@@ -50,6 +50,26 @@ impl NbdError {
             NbdError::NotSupported => proto::EINVAL,
         }
     }
+
+    /// The error a client should see for a failed system call, mapped the way
+    /// the protocol asks (quota and file-size limits are out-of-space).
+    pub fn from_io(e: &std::io::Error) -> NbdError {
+        match e.raw_os_error() {
+            Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG) => NbdError::NoSpace,
+            Some(libc::EINVAL) => NbdError::Invalid,
+            Some(libc::EPERM | libc::EACCES | libc::EROFS) => NbdError::NotPermitted,
+            Some(libc::EOVERFLOW) => NbdError::Overflow,
+            Some(libc::ESHUTDOWN) => NbdError::Shutdown,
+            Some(libc::EOPNOTSUPP) => NbdError::NotSupported,
+            _ => NbdError::Io,
+        }
+    }
+}
+
+impl From<std::io::Error> for NbdError {
+    fn from(e: std::io::Error) -> Self {
+        NbdError::from_io(&e)
+    }
 }
 
 #[cfg(test)]
@@ -65,5 +85,19 @@ mod tests {
         assert_eq!(NbdError::Shutdown.to_wire(), 108);
         assert_eq!(NbdError::NotPermitted.to_wire(), 1);
         assert_eq!(NbdError::NotSupported.to_wire(), 22);
+    }
+
+    #[test]
+    fn system_errors_map_as_the_protocol_asks() {
+        let os = std::io::Error::from_raw_os_error;
+        assert_eq!(NbdError::from(os(libc::EDQUOT)), NbdError::NoSpace);
+        assert_eq!(NbdError::from(os(libc::EFBIG)), NbdError::NoSpace);
+        assert_eq!(NbdError::from(os(libc::ENOSPC)), NbdError::NoSpace);
+        assert_eq!(NbdError::from(os(libc::EROFS)), NbdError::NotPermitted);
+        assert_eq!(NbdError::from(os(libc::EIO)), NbdError::Io);
+        assert_eq!(
+            NbdError::from(std::io::Error::other("no replica left")),
+            NbdError::Io
+        );
     }
 }

@@ -190,6 +190,7 @@ pub(crate) struct TestServer {
 
 impl TestServer {
     pub(crate) async fn start(kind: Kind, backend: &MemBackend, config: NbdServerConfig) -> Self {
+        init_tracing();
         let dir = tempfile::tempdir().unwrap();
         let listen = match kind {
             Kind::Unix => NbdListen::Unix(dir.path().join("nbd.sock")),
@@ -243,6 +244,15 @@ impl Drop for TestServer {
             let _ = stop.send(());
         }
     }
+}
+
+/// Server logs in test output, filtered by RUST_LOG (e.g.
+/// `RUST_LOG=shorthorn_engine::nbd=debug`).
+pub(crate) fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
 }
 
 pub(crate) fn config(export: &str) -> NbdServerConfig {

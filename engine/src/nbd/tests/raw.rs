@@ -8,9 +8,9 @@ use bytes::{BufMut, BytesMut};
 use rand::{Rng, RngCore, SeedableRng};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::{config, Hold, Kind, MemBackend, TestServer};
+use super::{config, init_tracing, Hold, Kind, MemBackend, TestServer};
 use crate::nbd::proto::{self, RequestHeader};
-use crate::nbd::{NbdListen, NbdServerConfig};
+use crate::nbd::{serve, NbdListen, NbdServer, NbdServerConfig, HANDSHAKE_TIMEOUT};
 
 const SIZE: usize = 1 << 20;
 const STEP: Duration = Duration::from_secs(5);
@@ -61,6 +61,11 @@ impl Raw {
             .await
             .expect("send timed out")
             .expect("send failed");
+    }
+
+    /// Sends bytes the server may already have hung up on.
+    async fn send_lossy(&mut self, bytes: &[u8]) {
+        let _ = tokio::time::timeout(STEP, self.s.write_all(bytes)).await;
     }
 
     async fn read_exact(&mut self, buf: &mut [u8]) {
@@ -331,7 +336,7 @@ async fn handshake_garbage_closes_and_server_keeps_serving() {
             let mut c = Raw::greeted(&server.listen).await;
             let mut junk = vec![0u8; rng.gen_range(1..300)];
             rng.fill_bytes(&mut junk);
-            c.send(&junk).await;
+            c.send_lossy(&junk).await;
             drop(c);
         }
 
@@ -455,7 +460,7 @@ async fn protocol_violations_close_only_that_connection() {
         h.command = proto::CMD_WRITE;
         h.len = u32::MAX;
         c.send(&h.encode()).await;
-        c.send(&[0xee; 4096]).await;
+        c.send_lossy(&[0xee; 4096]).await;
         c.expect_closed().await;
 
         // Truncated header, then hang up.
@@ -475,7 +480,7 @@ async fn protocol_violations_close_only_that_connection() {
             let mut c = Raw::attached(&server.listen).await;
             let mut junk = vec![0u8; rng.gen_range(1..200)];
             rng.fill_bytes(&mut junk);
-            c.send(&junk).await;
+            c.send_lossy(&junk).await;
             drop(c);
         }
 
@@ -655,4 +660,59 @@ async fn shutdown_answers_in_flight_then_removes_the_socket() {
     c.expect_closed().await;
     idle.expect_closed().await;
     stopping.await.unwrap().unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_silent_client_is_dropped_after_the_handshake_timeout() {
+    let backend = MemBackend::new(SIZE);
+    init_tracing();
+    let server = NbdServer::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let listen = server.listen_addr().clone();
+    let _task = tokio::spawn(server.run(config("vol"), backend.arc(), std::future::pending()));
+    let mut c = Raw::greeted(&listen).await;
+    let started = tokio::time::Instant::now();
+    // No timeout here: the paused clock jumps to the server's deadline.
+    let mut buf = [0u8; 1];
+    let n = c.s.read(&mut buf).await.unwrap_or(0);
+    assert_eq!(n, 0);
+    assert!(started.elapsed() >= HANDSHAKE_TIMEOUT);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_binds_serves_and_cleans_up() {
+    init_tracing();
+    let backend = MemBackend::patterned(SIZE);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vol.sock");
+    // A socket file left by a crashed engine.
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    let listen: NbdListen = format!("unix:{}", path.display()).parse().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(serve(listen.clone(), config("vol"), backend.arc(), async {
+        let _ = stopped.await;
+    }));
+    let mut c = loop {
+        if let Ok(s) = tokio::net::UnixStream::connect(&path).await {
+            let mut c = Raw { s: Box::new(s) };
+            let mut g = [0u8; proto::GREETING_LEN];
+            c.read_exact(&mut g).await;
+            break c;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    c.send(&proto::FLAG_C_FIXED_NEWSTYLE.to_be_bytes()).await;
+    let go = c.option(proto::OPT_GO, &info_data(b"vol", &[])).await;
+    assert_eq!(go.last().unwrap().0, proto::REP_ACK);
+    assert_eq!(c.read_block(1, 0, 512).await, backend.snapshot()[..512]);
+    c.request(proto::CMD_DISC, 0, 0, 0, 0).await;
+    c.expect_closed().await;
+    stop.send(()).unwrap();
+    tokio::time::timeout(STEP, task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(!path.exists());
 }
