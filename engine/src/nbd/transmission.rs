@@ -137,43 +137,7 @@ impl<R: AsyncRead + Unpin> RequestReader<R> {
         let checked = request::check(&header, self.size);
 
         if header.command == proto::CMD_WRITE {
-            // The payload follows on the wire whatever we think of the
-            // request, and must be consumed to find the next header.
-            if header.len > MAX_DISCARDED_WRITE {
-                return Err(violation(format!("write of {} bytes", header.len)));
-            }
-            if header.len > proto::MAX_BLOCK_SIZE {
-                let mut payload = (&mut self.reader).take(u64::from(header.len));
-                let skipped = tokio::io::copy(&mut payload, &mut tokio::io::sink()).await?;
-                if skipped != u64::from(header.len) {
-                    return Err(io::ErrorKind::UnexpectedEof.into());
-                }
-                self.reply_now(
-                    header.handle,
-                    NbdError::Invalid.to_wire(),
-                    vec![request_permit],
-                );
-                return Ok(());
-            }
-            let bytes_permit = acquire(&self.bytes, header.len).await;
-            let mut data = BytesMut::with_capacity(header.len as usize);
-            while data.len() < header.len as usize {
-                let want = header.len as usize - data.len();
-                if self.reader.read_buf(&mut (&mut data).limit(want)).await? == 0 {
-                    return Err(io::ErrorKind::UnexpectedEof.into());
-                }
-            }
-            let permits = vec![request_permit, bytes_permit];
-            match checked {
-                Ok(Op::Write { len: 0, .. }) => self.reply_now(header.handle, 0, permits),
-                Ok(Op::Write { offset, fua, .. }) => {
-                    let fut = self.backend.write(offset, data.freeze(), fua);
-                    self.complete(header.handle, fut.map(|r| (r, None)), permits);
-                }
-                Ok(other) => unreachable!("write checked as {other:?}"),
-                Err(e) => self.reply_error(header, e, permits),
-            }
-            return Ok(());
+            return self.handle_write(header, checked, request_permit).await;
         }
 
         let permits = vec![request_permit];
@@ -217,6 +181,49 @@ impl<R: AsyncRead + Unpin> RequestReader<R> {
                 unreachable!("handled before the command was checked")
             }
         }
+        Ok(())
+    }
+
+    /// A WRITE's payload follows its header whatever we think of the
+    /// request, and must be consumed to find the next header: a refused one
+    /// is read and thrown away (unless too long to be worth it).
+    async fn handle_write(
+        &mut self,
+        header: RequestHeader,
+        checked: Result<Op, NbdError>,
+        request_permit: OwnedSemaphorePermit,
+    ) -> io::Result<()> {
+        if header.len > MAX_DISCARDED_WRITE {
+            return Err(violation(format!("write of {} bytes", header.len)));
+        }
+        let (offset, fua) = match checked {
+            Ok(Op::Write { offset, fua, .. }) => (offset, fua),
+            Ok(other) => unreachable!("write checked as {other:?}"),
+            Err(e) => {
+                let mut payload = (&mut self.reader).take(u64::from(header.len));
+                let skipped = tokio::io::copy(&mut payload, &mut tokio::io::sink()).await?;
+                if skipped != u64::from(header.len) {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+                self.reply_error(header, e, vec![request_permit]);
+                return Ok(());
+            }
+        };
+        if header.len == 0 {
+            self.reply_now(header.handle, 0, vec![request_permit]);
+            return Ok(());
+        }
+        let bytes_permit = acquire(&self.bytes, header.len).await;
+        let mut data = BytesMut::with_capacity(header.len as usize);
+        while data.len() < header.len as usize {
+            let want = header.len as usize - data.len();
+            if self.reader.read_buf(&mut (&mut data).limit(want)).await? == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+        let fut = self.backend.write(offset, data.freeze(), fua);
+        let permits = vec![request_permit, bytes_permit];
+        self.complete(header.handle, fut.map(|r| (r, None)), permits);
         Ok(())
     }
 
