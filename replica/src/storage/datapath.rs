@@ -130,18 +130,21 @@ impl Replica {
         for edge in edges.into_iter().filter(|e| !e.is_empty()) {
             self.write_zeros_in(&chain, edge).await?;
         }
-        if !whole.is_empty() {
-            for (snapshot_below, blocks) in lower_runs(&chain, whole) {
-                let bytes = ByteRange::of_blocks(blocks);
-                if snapshot_below {
-                    self.write_zeros_in(&chain, bytes).await?;
-                } else {
-                    let head = chain.head();
-                    self.io
-                        .punch_hole(head.file.clone(), bytes.start().0, bytes.len())
-                        .await
-                        .map_err(|e| self.io_error(format!("punching {}", head.id), e))?;
-                }
+        // Whole blocks: a hole where no snapshot holds data, real zeros
+        // where one does. A chain of one layer has no snapshots.
+        let single = chain.is_single();
+        for (snapshot_below, blocks) in
+            whole.runs_by(|b| !single && chain.lower_holder(b).is_some())
+        {
+            let bytes = ByteRange::of_blocks(blocks);
+            if snapshot_below {
+                self.write_zeros_in(&chain, bytes).await?;
+            } else {
+                let head = chain.head();
+                self.io
+                    .punch_hole(head.file.clone(), bytes.start().0, bytes.len())
+                    .await
+                    .map_err(|e| self.io_error(format!("punching {}", head.id), e))?;
             }
         }
         if fua {
@@ -155,14 +158,13 @@ impl Replica {
             .step_by(ZERO_CHUNK)
             .map(|start| {
                 let len = (range.end().0 - start).min(ZERO_CHUNK as u64);
-                ByteRange::checked(start, len, self.size)
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+                async move {
+                    let piece = ByteRange::checked(start, len, self.size)?;
+                    let zeros = Bytes::from_static(&ZEROS[..len as usize]);
+                    self.write_in(chain, piece, zeros).await
+                }
+            });
         futures::stream::iter(pieces)
-            .map(|piece| {
-                let zeros = Bytes::from_static(&ZEROS[..piece.len() as usize]);
-                self.write_in(chain, piece, zeros)
-            })
             .buffer_unordered(ZERO_PARALLEL)
             .try_collect::<()>()
             .await
@@ -313,50 +315,15 @@ impl Replica {
 /// Splits `range` into runs of bytes served by one source: the index of the
 /// layer holding them, or `None` for zeros.
 fn source_runs(chain: &Chain, range: ByteRange) -> Vec<(Option<usize>, ByteRange)> {
+    let layers = chain.layers();
     if chain.is_single() {
-        return vec![(Some(chain.layers().len() - 1), range)];
+        return vec![(Some(layers.len() - 1), range)];
     }
     // Newest first: the head, then the snapshots below it.
-    let layers = chain.layers();
     let index_of = |b: BlockIndex| (0..layers.len()).rev().find(|&i| layers[i].holds(b));
-    let mut runs: Vec<(Option<usize>, BlockRange)> = Vec::new();
-    for b in range.blocks().iter() {
-        let source = index_of(b);
-        match runs.last_mut() {
-            Some((s, run)) if *s == source => run.end = b.next(),
-            _ => runs.push((
-                source,
-                BlockRange {
-                    start: b,
-                    end: b.next(),
-                },
-            )),
-        }
-    }
-    runs.into_iter()
+    range
+        .blocks()
+        .runs_by(index_of)
         .map(|(s, blocks)| (s, range.intersect(ByteRange::of_blocks(blocks))))
         .collect()
-}
-
-/// Splits whole blocks into runs by whether any snapshot below the head
-/// holds them (always `false` on a chain of one layer).
-fn lower_runs(chain: &Chain, blocks: BlockRange) -> Vec<(bool, BlockRange)> {
-    if chain.is_single() {
-        return vec![(false, blocks)];
-    }
-    let mut runs: Vec<(bool, BlockRange)> = Vec::new();
-    for b in blocks.iter() {
-        let below = chain.lower_holder(b).is_some();
-        match runs.last_mut() {
-            Some((s, run)) if *s == below => run.end = b.next(),
-            _ => runs.push((
-                below,
-                BlockRange {
-                    start: b,
-                    end: b.next(),
-                },
-            )),
-        }
-    }
-    runs
 }

@@ -199,10 +199,11 @@ impl Replica {
         let mut next = meta.clone();
         next.layers.push(new_id.0);
         next.head = new_id.0;
-        if let Err(e) = self.store_meta(&next).await {
-            let _ = std::fs::remove_file(self.dir.join(new_id.file_name()));
-            return Err(e);
-        }
+        // On failure the new file stays: meta.json may already name it (the
+        // rename can succeed before the directory sync fails). If it does not,
+        // the next open removes the file as an orphan; if it does, the old head
+        // simply becomes a snapshot at the next open, its data still visible.
+        self.store_meta(&next).await?;
         *meta = next;
 
         let mut layers: Vec<Arc<Layer>> = old.layers()[..old.layers().len() - 1].to_vec();

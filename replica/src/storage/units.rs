@@ -137,6 +137,34 @@ impl BlockRange {
     pub fn iter(self) -> impl Iterator<Item = BlockIndex> {
         (self.start.0..self.end.0).map(BlockIndex)
     }
+
+    /// Splits the range, lazily, into maximal runs of consecutive blocks
+    /// with the same `key`, each key computed once per block.
+    pub fn runs_by<K: PartialEq, F: FnMut(BlockIndex) -> K>(
+        self,
+        mut key: F,
+    ) -> impl Iterator<Item = (K, BlockRange)> {
+        let end = self.end;
+        let mut pos = self.start;
+        let mut carried: Option<K> = None;
+        std::iter::from_fn(move || {
+            if pos >= end {
+                return None;
+            }
+            let start = pos;
+            let k = carried.take().unwrap_or_else(|| key(start));
+            pos = start.next();
+            while pos < end {
+                let next = key(pos);
+                if next != k {
+                    carried = Some(next);
+                    break;
+                }
+                pos = pos.next();
+            }
+            Some((k, BlockRange { start, end: pos }))
+        })
+    }
 }
 
 /// The id of one layer of a replica's chain; names its file `layer-<id>.img`.
@@ -188,5 +216,31 @@ mod tests {
         let small = ByteRange::checked(100, 10, 1 << 20).unwrap();
         assert!(small.whole_blocks().is_empty());
         assert_eq!(BlockIndex(u64::MAX).start(), None);
+    }
+
+    #[test]
+    fn runs_by_key() {
+        let r = BlockRange {
+            start: BlockIndex(3),
+            end: BlockIndex(12),
+        };
+        let mut calls = 0;
+        let runs: Vec<(bool, u64, u64)> = r
+            .runs_by(|b| {
+                calls += 1;
+                (4..7).contains(&b.0) || b.0 == 11
+            })
+            .map(|(k, r)| (k, r.start.0, r.end.0))
+            .collect();
+        assert_eq!(
+            runs,
+            [(false, 3, 4), (true, 4, 7), (false, 7, 11), (true, 11, 12)]
+        );
+        assert_eq!(calls, 9);
+        let empty = BlockRange {
+            start: BlockIndex(5),
+            end: BlockIndex(5),
+        };
+        assert_eq!(empty.runs_by(|_| 0).count(), 0);
     }
 }

@@ -5,7 +5,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 use rand::{Rng, SeedableRng};
 
-use super::{assert_matches, fresh_volume, pattern, Model, MIB};
+use std::time::Duration;
+
+use super::{assert_matches, fresh_volume, pattern, HeldWrites, Model, MIB};
+use crate::storage::units::BlockRange;
 use crate::storage::{DiskIo, StorageError, BLOCK_SIZE};
 
 for_each_engine!(
@@ -18,6 +21,7 @@ for_each_engine!(
     concurrent_partial_writes_into_one_snapshot_block,
     zeroing_over_snapshots_hides_old_data,
     writes_racing_a_snapshot_are_never_lost,
+    snapshot_waits_for_writes_in_flight,
     flush_and_fua_succeed,
 );
 
@@ -332,6 +336,59 @@ async fn writes_racing_a_snapshot_are_never_lost(io: Arc<dyn DiskIo>) {
     }
     assert_eq!(r.layer_ids().len(), 4);
     assert_matches(&r, &model).await;
+}
+
+async fn snapshot_waits_for_writes_in_flight(io: Arc<dyn DiskIo>) {
+    let held = HeldWrites::new(io.clone());
+    let held_io: Arc<dyn DiskIo> = held.clone();
+    let (dir, store, r) = fresh_volume(&held_io, MIB).await;
+    held.arm();
+    let early = pattern(100, 6000);
+    let write = tokio::spawn({
+        let (r, early) = (r.clone(), early.clone());
+        async move { r.write(2 * BLOCK_SIZE + 5, early, false).await }
+    });
+    held.entered.notified().await;
+    // The write is in flight in the head; the snapshot must wait for it.
+    let snapshot = tokio::spawn({
+        let r = r.clone();
+        async move { r.snapshot().await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        !snapshot.is_finished(),
+        "snapshot froze a head with a write in flight"
+    );
+    // A write arriving now waits for the snapshot and lands in the new head.
+    let late = tokio::spawn({
+        let r = r.clone();
+        async move { r.write(10 * BLOCK_SIZE, pattern(101, 100), false).await }
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(!late.is_finished());
+    held.release();
+    write.await.unwrap().unwrap();
+    let snap = snapshot.await.unwrap().unwrap();
+    late.await.unwrap().unwrap();
+
+    let maps = r.layer_maps();
+    assert_eq!(maps[0].0, snap);
+    let frozen = maps[0].1.as_ref().unwrap();
+    let head = maps[1].1.as_ref().unwrap();
+    let blocks = |runs: &Vec<BlockRange>| -> Vec<u64> {
+        runs.iter().flat_map(|r| r.iter()).map(|b| b.0).collect()
+    };
+    assert_eq!(blocks(frozen), [2, 3]);
+    assert_eq!(blocks(head), [10]);
+    assert_eq!(r.read(2 * BLOCK_SIZE + 5, 6000).await.unwrap(), early);
+    drop((r, store));
+    let store = super::open_store(dir.path(), &io);
+    let r = store.get(&super::name("vol")).unwrap();
+    assert_eq!(r.read(2 * BLOCK_SIZE + 5, 6000).await.unwrap(), early);
+    assert_eq!(
+        r.read(10 * BLOCK_SIZE, 100).await.unwrap(),
+        pattern(101, 100)
+    );
 }
 
 async fn flush_and_fua_succeed(io: Arc<dyn DiskIo>) {

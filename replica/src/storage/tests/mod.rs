@@ -118,3 +118,73 @@ pub(crate) async fn assert_matches(r: &Replica, model: &Model) {
         off += len;
     }
 }
+
+/// Wraps an engine and, while armed, holds every write until released: lets
+/// a test put a write "in flight" for as long as it likes. (Also proves the
+/// trait can be wrapped, as the fault-injecting engine will.)
+pub(crate) struct HeldWrites {
+    inner: Arc<dyn DiskIo>,
+    armed: std::sync::atomic::AtomicBool,
+    gate: Arc<tokio::sync::Semaphore>,
+    /// Notified each time a write starts waiting at the gate.
+    pub entered: Arc<tokio::sync::Notify>,
+}
+
+impl HeldWrites {
+    pub fn new(inner: Arc<dyn DiskIo>) -> Arc<HeldWrites> {
+        Arc::new(HeldWrites {
+            inner,
+            armed: false.into(),
+            gate: Arc::new(tokio::sync::Semaphore::new(0)),
+            entered: Arc::new(tokio::sync::Notify::new()),
+        })
+    }
+
+    pub fn arm(&self) {
+        self.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn release(&self) {
+        self.armed.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.gate
+            .add_permits(tokio::sync::Semaphore::MAX_PERMITS / 2);
+    }
+}
+
+impl DiskIo for HeldWrites {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+
+    fn read_at(
+        &self,
+        file: Arc<std::fs::File>,
+        offset: u64,
+        len: usize,
+    ) -> super::IoFuture<bytes::BytesMut> {
+        self.inner.read_at(file, offset, len)
+    }
+
+    fn write_at(&self, file: Arc<std::fs::File>, offset: u64, data: Bytes) -> super::IoFuture<()> {
+        if !self.armed.load(std::sync::atomic::Ordering::SeqCst) {
+            return self.inner.write_at(file, offset, data);
+        }
+        let gate = self.gate.clone();
+        let entered = self.entered.clone();
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            entered.notify_one();
+            gate.acquire().await.expect("gate open").forget();
+            // Only now: the uring engine submits when called, not when polled.
+            inner.write_at(file, offset, data).await
+        })
+    }
+
+    fn sync_data(&self, file: Arc<std::fs::File>) -> super::IoFuture<()> {
+        self.inner.sync_data(file)
+    }
+
+    fn punch_hole(&self, file: Arc<std::fs::File>, offset: u64, len: u64) -> super::IoFuture<()> {
+        self.inner.punch_hole(file, offset, len)
+    }
+}

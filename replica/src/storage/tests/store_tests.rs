@@ -260,3 +260,26 @@ async fn a_broken_volume_does_not_stop_the_others(io: Arc<dyn DiskIo>) {
     let err = store.create_volume(&name("bad"), MIB).await.unwrap_err();
     assert!(matches!(err, StorageError::Corrupt(_)), "{err:?}");
 }
+
+/// The daemon shares stores and replicas across tasks and spawns their
+/// futures: all of it must be `Send` (and the handles `Sync`).
+#[test]
+fn handles_and_futures_are_send() {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>(_: &T) {}
+    send_sync::<crate::storage::Store>();
+    send_sync::<crate::storage::Replica>();
+    send_sync::<crate::storage::StorageError>();
+    fn futures(store: &crate::storage::Store, r: &crate::storage::Replica) {
+        send(&store.create_volume(&name("x"), MIB));
+        send(&store.delete_volume(&name("x")));
+        send(&r.read(0, 1));
+        send(&r.write(0, bytes::Bytes::new(), false));
+        send(&r.flush());
+        send(&r.trim(0, 1));
+        send(&r.write_zeroes(0, 1, true));
+        send(&r.snapshot());
+        send(&r.set_generation(Generation(1)));
+    }
+    let _ = futures;
+}
