@@ -1,1 +1,72 @@
-fn main() {}
+//! `shorthorn`: the one binary people run — replica daemons, volume engines,
+//! volume management, and `dev`, which starts a whole local setup.
+
+mod cli;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "shorthorn",
+    version,
+    about = "Replicated block storage for small Kubernetes clusters",
+    long_about = "Replicated block storage for small Kubernetes clusters.\n\n\
+        Every volume is served by an engine (over NBD) that mirrors each write \
+        synchronously to one or two replicas, each kept by a replica daemon on a node.\n\n\
+        New here? `shorthorn dev` starts two replica daemons and an engine on this \
+        machine and prints how to use the volume."
+)]
+struct Cli {
+    /// Log filter, e.g. `info`, `debug`, `shorthorn_engine=debug`.
+    #[arg(long, global = true, env = "SHORTHORN_LOG", default_value = "info")]
+    log: String,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run or inspect a replica daemon (one per node).
+    #[command(subcommand)]
+    Replica(cli::replica::ReplicaCommand),
+    /// Create, list and delete volumes on replica daemons.
+    #[command(subcommand)]
+    Volume(cli::volume::VolumeCommand),
+    /// Run a volume's engine: serve it over NBD, mirrored to its replicas.
+    #[command(subcommand)]
+    Engine(cli::engine::EngineCommand),
+    /// Start a complete local setup (replica daemons + engine) for trying
+    /// shorthorn out, and serve until Ctrl-C.
+    Dev(cli::dev::DevArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    cli::init_logging(&cli.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("shorthorn: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Replica(c) => cli::replica::run(c).await,
+            Command::Volume(c) => cli::volume::run(c).await,
+            Command::Engine(c) => cli::engine::run(c).await,
+            Command::Dev(a) => cli::dev::run(a).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("shorthorn: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

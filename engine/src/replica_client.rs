@@ -63,7 +63,12 @@ impl Shared {
                 *closed = Some(reason.clone());
             }
             self.is_closed.store(true, Ordering::Release);
-            self.pending.lock().unwrap().drain().map(|(_, w)| w).collect()
+            self.pending
+                .lock()
+                .unwrap()
+                .drain()
+                .map(|(_, w)| w)
+                .collect()
         };
         for w in waiters {
             let _ = w.send(Err(ClientError::Closed {
@@ -145,7 +150,11 @@ impl ReplicaClient {
                     error,
                 })
             }
-            other => return Err(connect_err(format!("unexpected handshake answer {other:?}"))),
+            other => {
+                return Err(connect_err(format!(
+                    "unexpected handshake answer {other:?}"
+                )))
+            }
         };
 
         let shared = Arc::new(Shared {
@@ -252,7 +261,10 @@ impl Drop for ReplicaClient {
     }
 }
 
-async fn read_replies(mut reader: FrameReader<tokio::net::tcp::OwnedReadHalf>, shared: Arc<Shared>) {
+async fn read_replies(
+    mut reader: FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    shared: Arc<Shared>,
+) {
     let reason = loop {
         let frame = match reader.read_frame().await {
             Ok(Some(f)) => f,

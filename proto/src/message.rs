@@ -76,7 +76,10 @@ pub enum Reply {
     Volume(VolumeInfo),
     /// Answer to CreateVolume; `created` is false when the volume already
     /// existed with the same size (a no-op).
-    Created { info: VolumeInfo, created: bool },
+    Created {
+        info: VolumeInfo,
+        created: bool,
+    },
     Error(RemoteError),
 }
 
@@ -535,7 +538,9 @@ mod tests {
         crc.update(&enc[..20]);
         crc.update(&enc[24..]);
         enc[20..24].copy_from_slice(&crc.finalize().to_le_bytes());
-        let raw = decode_frame(&mut BytesMut::from(&enc[..])).unwrap().unwrap();
+        let raw = decode_frame(&mut BytesMut::from(&enc[..]))
+            .unwrap()
+            .unwrap();
         assert!(matches!(
             Request::decode(&raw),
             Err(ProtoError::Malformed { .. })

@@ -86,7 +86,12 @@ mod tests {
 
     #[test]
     fn accepts_kubernetes_style_names() {
-        for ok in ["pvc-0b6c1f2e-9a1d-4c53-8f0e-1c2d3e4f5a6b", "db", "a.b_c-1", "9lives"] {
+        for ok in [
+            "pvc-0b6c1f2e-9a1d-4c53-8f0e-1c2d3e4f5a6b",
+            "db",
+            "a.b_c-1",
+            "9lives",
+        ] {
             assert_eq!(VolumeName::new(ok).unwrap().as_str(), ok);
         }
     }

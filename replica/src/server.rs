@@ -1,0 +1,420 @@
+//! The replica daemon's network side: accepts replica-protocol connections,
+//! runs the handshake, and turns each request into a call on the [`Store`].
+//!
+//! One connection's failure never reaches another: a malformed frame, a bad
+//! checksum or a wrong version gets an error answer (when there is anyone to
+//! answer) and closes that connection only. The daemon never writes a byte
+//! for a request it could not fully decode and verify.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use shorthorn_proto::{
+    EncodedFrame, ErrorCode, FrameReader, FrameWriter, Generation, Hello, ProtoError, RawFrame,
+    RemoteError, Reply, Request, VolumeInfo, VolumeName, Welcome, MAX_IO_LEN, PROTOCOL_VERSION,
+};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+use tracing::{debug, info, warn, Instrument};
+
+use crate::storage::{Replica, StorageError, Store};
+
+/// How the daemon treats its connections.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// This daemon's identity in handshakes and logs.
+    pub server_id: String,
+    /// Connections beyond this are closed at once.
+    pub max_connections: usize,
+    /// Requests one connection may have executing at once; more wait in the
+    /// socket (TCP backpressure) rather than in memory.
+    pub max_in_flight: usize,
+    /// A connection that sends nothing for this long before its handshake
+    /// is closed.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            server_id: format!("replica pid {}", std::process::id()),
+            max_connections: 1024,
+            max_in_flight: 256,
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Serves until `shutdown` resolves, then stops accepting and returns.
+/// Connections already open finish their in-flight requests on their own.
+pub async fn serve(
+    listener: TcpListener,
+    store: Arc<Store>,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let config = Arc::new(config);
+    let slots = Arc::new(Semaphore::new(config.max_connections));
+    let conn_ids = AtomicU64::new(1);
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off rather than spin.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            warn!(%peer, "too many connections; closing the new one");
+            continue;
+        };
+        let conn = conn_ids.fetch_add(1, Ordering::Relaxed);
+        let store = store.clone();
+        let config = config.clone();
+        tokio::spawn(
+            async move {
+                if let Err(e) = handle_connection(stream, peer, store, config).await {
+                    debug!(error = %e, "connection ended with an error");
+                }
+                drop(permit);
+            }
+            .instrument(tracing::info_span!("conn", id = conn, %peer)),
+        );
+    }
+}
+
+/// What a connection is allowed to do, fixed by its handshake.
+enum Session {
+    /// Management calls only.
+    Admin,
+    /// Bound to one volume; IO allowed while the replica's generation still
+    /// equals the session's.
+    Volume {
+        replica: Arc<Replica>,
+        generation: Generation,
+    },
+}
+
+async fn handle_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    store: Arc<Store>,
+    config: Arc<ServerConfig>,
+) -> Result<(), ProtoError> {
+    stream.set_nodelay(true)?;
+    let (rd, wr) = stream.into_split();
+    let mut reader = FrameReader::new(rd);
+    let mut writer = FrameWriter::new(wr);
+
+    let first = match tokio::time::timeout(config.handshake_timeout, reader.read_frame()).await {
+        Err(_) => {
+            debug!("no handshake in time");
+            return Ok(());
+        }
+        Ok(r) => r,
+    };
+    let first = match first {
+        Ok(Some(f)) => f,
+        Ok(None) => return Ok(()),
+        Err(e) => {
+            answer_and_close(&mut writer, 0, &e).await;
+            return Err(e);
+        }
+    };
+    let (session, welcome) = match handshake(&first, &store, &config).await {
+        Ok(ok) => ok,
+        Err(err) => {
+            warn!(%peer, error = %err, "handshake refused");
+            let _ = writer
+                .write_frame(&Reply::Error(err).encode(first.id))
+                .await;
+            let _ = writer.shutdown().await;
+            return Ok(());
+        }
+    };
+    writer.write_frame(&welcome.encode(first.id)).await?;
+    let session = Arc::new(session);
+
+    let (tx, rx) = mpsc::channel::<EncodedFrame>(config.max_in_flight * 2);
+    let write_task = tokio::spawn(write_replies(writer, rx));
+    let in_flight = Arc::new(Semaphore::new(config.max_in_flight));
+
+    let result = loop {
+        let frame = match reader.read_frame().await {
+            Ok(Some(f)) => f,
+            Ok(None) => break Ok(()),
+            Err(e) => {
+                warn!(error = %e, "closing connection on a bad frame");
+                let id = match &e {
+                    ProtoError::Checksum { id, .. } => *id,
+                    _ => 0,
+                };
+                let _ = tx.send(error_frame(id, &e)).await;
+                break Err(e);
+            }
+        };
+        let request = match Request::decode(&frame) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %e, id = frame.id, "closing connection on an undecodable request");
+                let _ = tx.send(error_frame(frame.id, &e)).await;
+                break Err(e);
+            }
+        };
+        let permit = in_flight
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore never closes");
+        let tx = tx.clone();
+        let store = store.clone();
+        let session = session.clone();
+        let id = frame.id;
+        tokio::spawn(async move {
+            let reply = match execute(request, &session, &store).await {
+                Ok(reply) => reply,
+                Err(err) => Reply::Error(err),
+            };
+            let _ = tx.send(reply.encode(id)).await;
+            drop(permit);
+        });
+    };
+    // Let every executing request answer, then close the socket.
+    let _ = in_flight
+        .acquire_many(config.max_in_flight as u32)
+        .await
+        .map(|p| p.forget());
+    drop(tx);
+    let _ = write_task.await;
+    result
+}
+
+fn error_frame(id: u64, e: &ProtoError) -> EncodedFrame {
+    Reply::Error(RemoteError::new(e.code(), e.to_string())).encode(id)
+}
+
+async fn answer_and_close<W: tokio::io::AsyncWrite + Unpin>(
+    writer: &mut FrameWriter<W>,
+    id: u64,
+    e: &ProtoError,
+) {
+    let _ = writer.write_frame(&error_frame(id, e)).await;
+    let _ = writer.shutdown().await;
+}
+
+/// Sends replies as they complete, many per syscall when they pile up.
+async fn write_replies<W: tokio::io::AsyncWrite + Unpin>(
+    mut writer: FrameWriter<W>,
+    mut rx: mpsc::Receiver<EncodedFrame>,
+) {
+    let mut batch = Vec::with_capacity(64);
+    while rx.recv_many(&mut batch, 64).await > 0 {
+        if let Err(e) = writer.write_frames(&batch).await {
+            debug!(error = %e, "reply write failed");
+            return;
+        }
+        batch.clear();
+    }
+    let _ = writer.shutdown().await;
+}
+
+async fn handshake(
+    frame: &RawFrame,
+    store: &Store,
+    config: &ServerConfig,
+) -> Result<(Session, Reply), RemoteError> {
+    let hello = match Request::decode(frame) {
+        Ok(Request::Hello(h)) => h,
+        Ok(other) => {
+            return Err(RemoteError::new(
+                ErrorCode::NotBound,
+                format!("expected a hello first, got {}", other.name()),
+            ))
+        }
+        Err(e) => return Err(RemoteError::new(e.code(), e.to_string())),
+    };
+    let Hello {
+        version,
+        client,
+        volume,
+        generation,
+    } = hello;
+    if version != PROTOCOL_VERSION {
+        return Err(RemoteError::new(
+            ErrorCode::VersionMismatch,
+            format!("client speaks protocol {version}, this replica speaks {PROTOCOL_VERSION}"),
+        ));
+    }
+    let welcome = |volume| {
+        Reply::Welcome(Welcome {
+            version: PROTOCOL_VERSION,
+            server: config.server_id.clone(),
+            volume,
+        })
+    };
+    if volume.is_empty() {
+        debug!(%client, "admin session");
+        return Ok((Session::Admin, welcome(None)));
+    }
+    let name = parse_name(&volume)?;
+    let replica = store.get(&name).map_err(storage_error)?;
+    if generation.0 > 0 {
+        replica
+            .set_generation(generation)
+            .await
+            .map_err(storage_error)?;
+        info!(volume = %name, %generation, %client, "engine attached");
+    }
+    let info = volume_info(&replica);
+    Ok((
+        Session::Volume {
+            replica,
+            generation,
+        },
+        welcome(Some(info)),
+    ))
+}
+
+async fn execute(request: Request, session: &Session, store: &Store) -> Result<Reply, RemoteError> {
+    match request {
+        Request::Hello(_) => Err(RemoteError::new(
+            ErrorCode::Invalid,
+            "this connection has already said hello",
+        )),
+        Request::Ping => Ok(Reply::Pong),
+        Request::CreateVolume { name, size } => {
+            let name = parse_name(&name)?;
+            let (replica, created) = store
+                .create_volume(&name, size)
+                .await
+                .map_err(storage_error)?;
+            if created {
+                info!(volume = %name, size, "volume created");
+            }
+            Ok(Reply::Created {
+                info: volume_info(&replica),
+                created,
+            })
+        }
+        Request::DeleteVolume { name } => {
+            let name = parse_name(&name)?;
+            store.delete_volume(&name).await.map_err(storage_error)?;
+            info!(volume = %name, "volume deleted");
+            Ok(Reply::Done)
+        }
+        Request::ListVolumes => Ok(Reply::Volumes(
+            store.list().iter().map(|r| volume_info(r)).collect(),
+        )),
+        Request::GetVolume { name } => {
+            let name = parse_name(&name)?;
+            let replica = store.get(&name).map_err(storage_error)?;
+            Ok(Reply::Volume(volume_info(&replica)))
+        }
+        io => {
+            let replica = io_replica(session)?;
+            execute_io(io, replica).await
+        }
+    }
+}
+
+/// The session's replica, if it may do IO right now.
+fn io_replica(session: &Session) -> Result<&Replica, RemoteError> {
+    let Session::Volume {
+        replica,
+        generation,
+    } = session
+    else {
+        return Err(RemoteError::new(
+            ErrorCode::NotBound,
+            "IO on an admin session; say hello with a volume first",
+        ));
+    };
+    if generation.0 == 0 {
+        return Err(RemoteError::new(
+            ErrorCode::NotBound,
+            "this session only looks (generation 0); IO needs a generation",
+        ));
+    }
+    let current = replica.generation();
+    if current != *generation {
+        return Err(RemoteError::new(
+            ErrorCode::StaleGeneration,
+            format!(
+                "volume {} is now at {current}, this engine holds {generation}",
+                replica.name()
+            ),
+        ));
+    }
+    Ok(replica)
+}
+
+async fn execute_io(request: Request, replica: &Replica) -> Result<Reply, RemoteError> {
+    let reply = match request {
+        Request::Read { offset, len } => {
+            if len > MAX_IO_LEN {
+                return Err(RemoteError::new(
+                    ErrorCode::Invalid,
+                    format!("read of {len} bytes exceeds the maximum of {MAX_IO_LEN}"),
+                ));
+            }
+            Reply::Data(replica.read(offset, len).await.map_err(storage_error)?)
+        }
+        Request::Write { offset, fua, data } => {
+            replica
+                .write(offset, data, fua)
+                .await
+                .map_err(storage_error)?;
+            Reply::Done
+        }
+        Request::Flush => {
+            replica.flush().await.map_err(storage_error)?;
+            Reply::Done
+        }
+        Request::Trim { offset, len } => {
+            replica.trim(offset, len).await.map_err(storage_error)?;
+            Reply::Done
+        }
+        Request::WriteZeroes { offset, len, fua } => {
+            replica
+                .write_zeroes(offset, len, fua)
+                .await
+                .map_err(storage_error)?;
+            Reply::Done
+        }
+        other => {
+            return Err(RemoteError::new(
+                ErrorCode::Unsupported,
+                format!("{} is not an IO request", other.name()),
+            ))
+        }
+    };
+    Ok(reply)
+}
+
+fn parse_name(name: &str) -> Result<VolumeName, RemoteError> {
+    VolumeName::new(name).map_err(|e| RemoteError::new(ErrorCode::InvalidName, e.to_string()))
+}
+
+fn storage_error(e: StorageError) -> RemoteError {
+    if matches!(e.code(), ErrorCode::Io | ErrorCode::NoSpace) {
+        warn!(error = %e, "storage error");
+    }
+    RemoteError::new(e.code(), e.to_string())
+}
+
+fn volume_info(replica: &Replica) -> VolumeInfo {
+    VolumeInfo {
+        name: replica.name().to_string(),
+        size: replica.size(),
+        generation: replica.generation(),
+    }
+}

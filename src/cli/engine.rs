@@ -1,0 +1,80 @@
+//! `shorthorn engine ...`: one volume's engine.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use shorthorn_engine::nbd::{NbdListen, NbdServer, NbdServerConfig};
+use shorthorn_engine::{Volume, VolumeBackend, VolumeOptions};
+use shorthorn_proto::VolumeName;
+use tracing::{error, info};
+
+#[derive(Subcommand)]
+pub enum EngineCommand {
+    /// Serve a volume over NBD, mirroring every write to its replicas.
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// The volume to serve (created beforehand with `shorthorn volume create`).
+    pub name: VolumeName,
+    /// Replica daemon (HOST:PORT) holding a replica of the volume; give it
+    /// once or twice. Reads prefer the first.
+    #[arg(long = "replica", required = true)]
+    pub replicas: Vec<String>,
+    /// Where to serve NBD: `unix:/path/to.sock` or `HOST:PORT`.
+    #[arg(long)]
+    pub nbd: NbdListen,
+    /// A replica that does not answer within this is dropped from the
+    /// volume's healthy set (IO goes on with the others).
+    #[arg(long, default_value_t = 5_000)]
+    pub io_timeout_ms: u64,
+    /// Most NBD client connections at once.
+    #[arg(long, default_value_t = 16)]
+    pub max_connections: usize,
+}
+
+pub async fn run(command: EngineCommand) -> anyhow::Result<()> {
+    match command {
+        EngineCommand::Serve(args) => serve(args).await,
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        (1..=2).contains(&args.replicas.len()),
+        "a volume has 1 or 2 replicas; {} given",
+        args.replicas.len()
+    );
+    let options = VolumeOptions {
+        io_timeout: Duration::from_millis(args.io_timeout_ms),
+        client_id: format!("engine {} pid {}", args.name, std::process::id()),
+    };
+    let volume = Volume::open(args.name.clone(), &args.replicas, &options)
+        .await
+        .with_context(|| format!("attaching volume {}", args.name))?;
+    let server = NbdServer::bind(args.nbd.clone())
+        .await
+        .with_context(|| format!("listening for NBD on {}", args.nbd))?;
+    info!(
+        volume = %args.name, uri = %server.uri(args.name.as_str()), generation = %volume.generation(),
+        "engine serving"
+    );
+    let config = NbdServerConfig {
+        export_name: args.name.to_string(),
+        multi_conn: volume.can_multi_conn(),
+        max_connections: args.max_connections,
+    };
+    let backend = Arc::new(VolumeBackend::new(volume.clone()));
+    server
+        .run(config, backend, super::shutdown_signal())
+        .await
+        .context("serving NBD")?;
+    info!(volume = %args.name, "stopping: flushing the volume");
+    if let Err(e) = volume.flush().await {
+        error!(volume = %args.name, error = %e, "final flush failed");
+    }
+    Ok(())
+}

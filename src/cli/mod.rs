@@ -1,0 +1,50 @@
+//! Command-line front ends. Each module turns one subcommand's typed
+//! arguments into calls on the library crates; errors become exit messages
+//! here and nowhere else.
+
+pub mod dev;
+pub mod engine;
+pub mod replica;
+pub mod size;
+pub mod volume;
+
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use shorthorn_engine::ReplicaClient;
+use shorthorn_proto::{Generation, Reply, Request};
+use tracing_subscriber::EnvFilter;
+
+pub fn init_logging(filter: &str) {
+    let filter = EnvFilter::try_new(filter).unwrap_or_else(|e| {
+        eprintln!("shorthorn: bad --log filter {filter:?} ({e}); using info");
+        EnvFilter::new("info")
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Resolves when the process is asked to stop (Ctrl-C or SIGTERM).
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// One management call on a replica daemon, over a fresh admin session.
+pub async fn admin_call(addr: &str, request: Request, timeout: Duration) -> anyhow::Result<Reply> {
+    let client = ReplicaClient::connect(addr, "shorthorn cli", "", Generation(0), timeout)
+        .await
+        .with_context(|| format!("replica daemon {addr}"))?;
+    let reply = client.call(request).await;
+    client.close("done");
+    match reply {
+        Ok(r) => Ok(r),
+        Err(e) => bail!("{e}"),
+    }
+}

@@ -1,0 +1,141 @@
+//! `shorthorn volume ...`: volume management on replica daemons.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use shorthorn_proto::{Reply, Request, VolumeName};
+
+use super::admin_call;
+use super::size::{human, parse_size};
+
+#[derive(Subcommand)]
+pub enum VolumeCommand {
+    /// Create a volume's replica on each named replica daemon. Creating it
+    /// again with the same size does nothing; another size is an error.
+    Create(CreateArgs),
+    /// List the volumes a replica daemon keeps.
+    List(ListArgs),
+    /// Delete a volume's replica from each named replica daemon.
+    Delete(DeleteArgs),
+}
+
+#[derive(Args)]
+pub struct CreateArgs {
+    /// Volume name: letters, digits, '-', '_' or '.'.
+    pub name: VolumeName,
+    /// Size, e.g. 512MiB or 10GiB (a multiple of 4 KiB).
+    #[arg(long, value_parser = parse_size)]
+    pub size: u64,
+    /// Replica daemon (HOST:PORT) to keep a replica; give it once or twice.
+    #[arg(long = "replica", required = true)]
+    pub replicas: Vec<String>,
+    /// How long to wait for each daemon.
+    #[arg(long, default_value_t = 10_000)]
+    pub timeout_ms: u64,
+}
+
+#[derive(Args)]
+pub struct ListArgs {
+    /// Replica daemon (HOST:PORT) to ask; repeat for several.
+    #[arg(long = "replica", required = true)]
+    pub replicas: Vec<String>,
+    #[arg(long, default_value_t = 10_000)]
+    pub timeout_ms: u64,
+}
+
+#[derive(Args)]
+pub struct DeleteArgs {
+    pub name: VolumeName,
+    /// Replica daemon (HOST:PORT) holding a replica; repeat for several.
+    #[arg(long = "replica", required = true)]
+    pub replicas: Vec<String>,
+    #[arg(long, default_value_t = 10_000)]
+    pub timeout_ms: u64,
+}
+
+pub async fn run(command: VolumeCommand) -> anyhow::Result<()> {
+    match command {
+        VolumeCommand::Create(a) => {
+            create(
+                &a.name,
+                a.size,
+                &a.replicas,
+                Duration::from_millis(a.timeout_ms),
+            )
+            .await
+        }
+        VolumeCommand::List(a) => list(&a.replicas, Duration::from_millis(a.timeout_ms)).await,
+        VolumeCommand::Delete(a) => {
+            let timeout = Duration::from_millis(a.timeout_ms);
+            for addr in &a.replicas {
+                let request = Request::DeleteVolume {
+                    name: a.name.to_string(),
+                };
+                match admin_call(addr, request, timeout).await? {
+                    Reply::Done => println!("deleted {} from {addr}", a.name),
+                    other => bail!("{addr}: unexpected answer {other:?}"),
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Creates the volume on every replica daemon; used by `volume create` and `dev`.
+pub async fn create(
+    name: &VolumeName,
+    size: u64,
+    replicas: &[String],
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    if replicas.is_empty() || replicas.len() > 2 {
+        bail!("a volume has 1 or 2 replicas; {} given", replicas.len());
+    }
+    if size == 0 || !size.is_multiple_of(4096) {
+        bail!("size must be a positive multiple of 4 KiB, got {size} bytes");
+    }
+    for addr in replicas {
+        let request = Request::CreateVolume {
+            name: name.to_string(),
+            size,
+        };
+        let reply = admin_call(addr, request, timeout)
+            .await
+            .with_context(|| format!("creating {name} on {addr}"))?;
+        match reply {
+            Reply::Created { created: true, .. } => {
+                println!("created {name} ({}) on {addr}", human(size))
+            }
+            Reply::Created { created: false, .. } => {
+                println!("{name} ({}) already exists on {addr}", human(size))
+            }
+            other => bail!("{addr}: unexpected answer {other:?}"),
+        }
+    }
+    Ok(())
+}
+
+async fn list(replicas: &[String], timeout: Duration) -> anyhow::Result<()> {
+    println!(
+        "{:<22} {:<40} {:>12} {:>10}",
+        "REPLICA", "VOLUME", "SIZE", "GENERATION"
+    );
+    for addr in replicas {
+        match admin_call(addr, Request::ListVolumes, timeout).await? {
+            Reply::Volumes(list) => {
+                for v in list {
+                    println!(
+                        "{:<22} {:<40} {:>12} {:>10}",
+                        addr,
+                        v.name,
+                        human(v.size),
+                        v.generation.0
+                    );
+                }
+            }
+            other => bail!("{addr}: unexpected answer {other:?}"),
+        }
+    }
+    Ok(())
+}

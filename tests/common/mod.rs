@@ -1,0 +1,414 @@
+//! Shared pieces of the multi-process tests: real `shorthorn` daemons and
+//! engines on loopback, real client tools, and guards that stop every
+//! process and release every mount and loop device when a test ends —
+//! including when it fails.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_shorthorn");
+
+/// A child process killed (SIGKILL) and reaped when dropped. If the test is
+/// failing, its log is printed first, so a failure shows why.
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, cmd: &mut Command, log: PathBuf) -> Proc {
+        let out = std::fs::File::create(&log).expect("create log");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        Proc {
+            name: name.to_string(),
+            child,
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// `kill -9`: the process gets no chance to clean up.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig);
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("----- log of {} -----\n{}", self.name, self.log_text());
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// A replica daemon process on a loopback port, serving a directory.
+pub struct Replica {
+    pub proc: Proc,
+    pub addr: String,
+    pub dir: PathBuf,
+    pub io_engine: String,
+}
+
+impl Replica {
+    pub fn start(dir: &Path, io_engine: &str) -> Replica {
+        Self::start_at(dir, io_engine, &format!("127.0.0.1:{}", free_port()))
+    }
+
+    pub fn start_at(dir: &Path, io_engine: &str, addr: &str) -> Replica {
+        let log = dir.with_extension(format!("{}.log", now_ms()));
+        let proc = Proc::spawn(
+            &format!("replica {addr}"),
+            Command::new(BIN).args([
+                "replica",
+                "serve",
+                "--data-dir",
+                dir.to_str().unwrap(),
+                "--listen",
+                addr,
+                "--io-engine",
+                io_engine,
+            ]),
+            log,
+        );
+        let mut r = Replica {
+            proc,
+            addr: addr.to_string(),
+            dir: dir.to_path_buf(),
+            io_engine: io_engine.to_string(),
+        };
+        r.wait_ready();
+        r
+    }
+
+    fn wait_ready(&mut self) {
+        let addr = self.addr.clone();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            assert!(
+                self.proc.is_running(),
+                "replica daemon exited:\n{}",
+                self.proc.log_text()
+            );
+            if TcpStream::connect(&addr).is_ok() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "replica daemon never listened");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the daemon (`kill -9`) and starts it again on the same port.
+    pub fn restart_after_kill9(&mut self) {
+        self.proc.kill9();
+        let again = Replica::start_at(&self.dir, &self.io_engine, &self.addr);
+        *self = again;
+    }
+}
+
+fn now_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+}
+
+/// Runs the `shorthorn` CLI to completion.
+pub fn shorthorn(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("run shorthorn")
+}
+
+pub fn create_volume(name: &str, size: &str, replicas: &[&Replica]) {
+    let mut args = vec!["volume", "create", name, "--size", size];
+    for r in replicas {
+        args.push("--replica");
+        args.push(&r.addr);
+    }
+    let out = shorthorn(&args);
+    assert!(
+        out.status.success(),
+        "volume create failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// An engine process serving one volume on a unix socket.
+pub struct Engine {
+    pub proc: Proc,
+    pub socket: PathBuf,
+}
+
+impl Engine {
+    pub fn start(dir: &Path, volume: &str, replicas: &[&Replica]) -> Engine {
+        Self::start_with(dir, volume, replicas, &[])
+    }
+
+    pub fn start_with(dir: &Path, volume: &str, replicas: &[&Replica], extra: &[&str]) -> Engine {
+        let stamp = now_ms();
+        let socket = dir.join(format!("{volume}-{stamp}.sock"));
+        let mut cmd = Command::new(BIN);
+        cmd.args(["engine", "serve", volume, "--nbd"])
+            .arg(format!("unix:{}", socket.display()));
+        for r in replicas {
+            cmd.args(["--replica", &r.addr]);
+        }
+        cmd.args(extra);
+        let mut proc = Proc::spawn(
+            &format!("engine {volume}"),
+            &mut cmd,
+            dir.join(format!("engine-{volume}-{stamp}.log")),
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            assert!(proc.is_running(), "engine exited:\n{}", proc.log_text());
+            if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "engine never served NBD");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Engine { proc, socket }
+    }
+
+    pub fn uri(&self) -> String {
+        format!("nbd+unix:///?socket={}", self.socket.display())
+    }
+}
+
+/// Runs a command, panicking with its output if it fails.
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A file of random bytes (deterministic per seed).
+pub fn random_file(path: &Path, len: usize, seed: u64) {
+    use rand::{RngCore, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut f = std::fs::File::create(path).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buf.len());
+        rng.fill_bytes(&mut buf[..n]);
+        f.write_all(&buf[..n]).unwrap();
+        left -= n;
+    }
+}
+
+pub fn files_equal(a: &Path, b: &Path) -> bool {
+    let mut fa = std::fs::File::open(a).unwrap();
+    let mut fb = std::fs::File::open(b).unwrap();
+    let mut ba = vec![0u8; 1 << 20];
+    let mut bb = vec![0u8; 1 << 20];
+    loop {
+        let na = read_full(&mut fa, &mut ba);
+        let nb = read_full(&mut fb, &mut bb);
+        if na != nb || ba[..na] != bb[..nb] {
+            return false;
+        }
+        if na == 0 {
+            return true;
+        }
+    }
+}
+
+fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> usize {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..]).unwrap() {
+            0 => break,
+            k => n += k,
+        }
+    }
+    n
+}
+
+/// A FUSE mount made by `nbdfuse`, exposing the NBD export as one file.
+/// Unmounted (and the nbdfuse process reaped) on drop.
+pub struct FuseExport {
+    pub mountpoint: PathBuf,
+    pub file: PathBuf,
+    proc: Proc,
+}
+
+impl FuseExport {
+    pub fn new(dir: &Path, socket: &Path) -> FuseExport {
+        let mountpoint = dir.join("fuse");
+        std::fs::create_dir_all(&mountpoint).unwrap();
+        let file = mountpoint.join("disk");
+        let proc = Proc::spawn(
+            "nbdfuse",
+            Command::new("nbdfuse").arg(&file).arg("--unix").arg(socket),
+            dir.join("nbdfuse.log"),
+        );
+        let mut fx = FuseExport {
+            mountpoint,
+            file,
+            proc,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !fx.file.exists() {
+            assert!(
+                fx.proc.is_running(),
+                "nbdfuse exited:\n{}",
+                fx.proc.log_text()
+            );
+            assert!(Instant::now() < deadline, "nbdfuse never mounted");
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        fx
+    }
+}
+
+impl Drop for FuseExport {
+    fn drop(&mut self) {
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg(&self.mountpoint)
+            .status();
+        if self.proc.wait_exit(Duration::from_secs(10)).is_none() {
+            let _ = Command::new("fusermount3")
+                .args(["-u", "-z"])
+                .arg(&self.mountpoint)
+                .status();
+        }
+    }
+}
+
+/// A loop device over a file; detached on drop.
+pub struct LoopDevice {
+    pub dev: String,
+}
+
+impl LoopDevice {
+    pub fn attach(file: &Path) -> LoopDevice {
+        let out = run(Command::new("losetup").args(["--find", "--show"]).arg(file));
+        let dev = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        assert!(dev.starts_with("/dev/loop"), "losetup said {dev:?}");
+        LoopDevice { dev }
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            let ok = Command::new("losetup")
+                .args(["-d", &self.dev])
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            if ok {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!("could not detach {}", self.dev);
+    }
+}
+
+/// A mounted filesystem; unmounted on drop.
+pub struct Mount {
+    pub target: PathBuf,
+    mounted: bool,
+}
+
+impl Mount {
+    pub fn new(dev: &str, target: &Path) -> Mount {
+        std::fs::create_dir_all(target).unwrap();
+        run(Command::new("mount").arg(dev).arg(target));
+        Mount {
+            target: target.to_path_buf(),
+            mounted: true,
+        }
+    }
+
+    pub fn unmount(&mut self) {
+        if self.mounted {
+            run(Command::new("umount").arg(&self.target));
+            self.mounted = false;
+        }
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if self.mounted {
+            let ok = Command::new("umount")
+                .arg(&self.target)
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            if !ok {
+                let _ = Command::new("umount").arg("-l").arg(&self.target).status();
+            }
+        }
+    }
+}
