@@ -1,0 +1,152 @@
+//! Losing replicas while IO runs (DESIGN.md invariant 2): a replica that
+//! stops answering is dropped within the IO timeout and IO carries on with
+//! no error; with no replica left, IO fails with EIO and never hangs.
+//!
+//! A replica daemon is stalled for real with SIGSTOP: its sockets stay open
+//! and simply go quiet, the way a wedged disk or a hung node looks.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sys::signal::Signal;
+
+fn qemu_io(uri: &str, cmds: &[&str]) -> (bool, String) {
+    // `timeout` turns a hang (the failure this file looks for) into a
+    // failed command instead of a test that never ends.
+    let mut cmd = Command::new("timeout");
+    cmd.args(["30", "qemu-io", "-f", "raw"]);
+    for c in cmds {
+        cmd.args(["-c", c]);
+    }
+    let out = cmd.arg(uri).output().expect("run qemu-io");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let failed = !out.status.success() || text.contains("failed");
+    (!failed, text)
+}
+
+#[test]
+fn stalled_replica_is_dropped_and_io_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r1 = Replica::start(&tmp.path().join("r1"), "uring");
+    let r2 = Replica::start(&tmp.path().join("r2"), "sync");
+    create_volume("stall", "64MiB", &[&r1, &r2]);
+    let engine = Engine::start_with(
+        tmp.path(),
+        "stall",
+        &[&r1, &r2],
+        &["--io-timeout-ms", "1000"],
+    );
+
+    let (ok, out) = qemu_io(&engine.uri(), &["write -P 0x11 0 4M", "flush"]);
+    assert!(ok, "{out}");
+
+    r1.proc.signal(Signal::SIGSTOP);
+    let started = Instant::now();
+    // Writes and a flush while the preferred (read) replica is wedged: the
+    // engine must drop it after the 1 s timeout and finish on the other.
+    let (ok, out) = qemu_io(
+        &engine.uri(),
+        &[
+            "write -P 0x22 1M 2M",
+            "flush",
+            "read -P 0x22 1M 2M",
+            "read -P 0x11 0 1M",
+        ],
+    );
+    let took = started.elapsed();
+    r1.proc.signal(Signal::SIGCONT);
+    assert!(ok, "IO failed while one replica was stalled:\n{out}");
+    assert!(
+        took < Duration::from_secs(10),
+        "IO with a stalled replica took {took:?}; the IO timeout is 1 s"
+    );
+
+    // The dropped replica, awake again, must not serve reads: it missed
+    // the 0x22 write.
+    let (ok, out) = qemu_io(&engine.uri(), &["read -P 0x22 1M 2M"]);
+    assert!(
+        ok,
+        "a read came from the replica that missed writes:\n{out}"
+    );
+    let log = engine.proc.log_text();
+    assert!(
+        log.contains("dropped from the healthy set") && log.contains(&r1.addr),
+        "the engine should log which replica it dropped:\n{log}"
+    );
+}
+
+#[test]
+fn no_replica_left_fails_with_eio_and_never_hangs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r1 = Replica::start(&tmp.path().join("r1"), "auto");
+    let r2 = Replica::start(&tmp.path().join("r2"), "auto");
+    create_volume("gone", "64MiB", &[&r1, &r2]);
+    let engine = Engine::start_with(
+        tmp.path(),
+        "gone",
+        &[&r1, &r2],
+        &["--io-timeout-ms", "1000"],
+    );
+    let (ok, out) = qemu_io(&engine.uri(), &["write -P 0x33 0 1M"]);
+    assert!(ok, "{out}");
+
+    r1.proc.signal(Signal::SIGSTOP);
+    r2.proc.signal(Signal::SIGSTOP);
+    let started = Instant::now();
+    let (ok, out) = qemu_io(&engine.uri(), &["write -P 0x44 0 64k"]);
+    let took = started.elapsed();
+    r1.proc.signal(Signal::SIGCONT);
+    r2.proc.signal(Signal::SIGCONT);
+    assert!(!ok, "a write with no replica left must fail, got:\n{out}");
+    assert!(
+        out.contains("Input/output error"),
+        "the failure should be EIO:\n{out}"
+    );
+    assert!(
+        took < Duration::from_secs(10),
+        "the failing write took {took:?}"
+    );
+
+    // Later requests fail at once: nothing waits on dead replicas.
+    let started = Instant::now();
+    let (ok, out) = qemu_io(&engine.uri(), &["read 0 4k", "flush"]);
+    assert!(!ok, "a read with no replica left must fail:\n{out}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn killed_replica_is_dropped_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut r1 = Replica::start(&tmp.path().join("r1"), "auto");
+    let r2 = Replica::start(&tmp.path().join("r2"), "auto");
+    create_volume("killed", "64MiB", &[&r1, &r2]);
+    // A long timeout: a closed socket must be noticed without waiting on it.
+    let engine = Engine::start_with(
+        tmp.path(),
+        "killed",
+        &[&r1, &r2],
+        &["--io-timeout-ms", "60000"],
+    );
+    let (ok, out) = qemu_io(&engine.uri(), &["write -P 0x55 0 2M"]);
+    assert!(ok, "{out}");
+    r1.proc.kill9();
+    let started = Instant::now();
+    let (ok, out) = qemu_io(
+        &engine.uri(),
+        &[
+            "write -P 0x66 0 1M",
+            "flush",
+            "read -P 0x66 0 1M",
+            "read -P 0x55 1M 1M",
+        ],
+    );
+    assert!(ok, "IO failed after one replica was killed:\n{out}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
