@@ -412,3 +412,197 @@ impl Drop for Mount {
         }
     }
 }
+
+/// Bytes of disk actually allocated under `dir`, recursively (a sparse file
+/// counts only its written blocks): how a test sees writes land on a
+/// replica without knowing its file layout.
+pub fn allocated_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => allocated_bytes(&e.path()),
+            Ok(m) => m.blocks() * 512,
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// True when `path` is a mount point right now (per /proc/self/mountinfo).
+pub fn is_mounted(path: &Path) -> bool {
+    let want = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    table.lines().any(|line| {
+        // Field 5 is the mount point, with spaces and the like octal-escaped.
+        line.split(' ')
+            .nth(4)
+            .map(|m| Path::new(&m.replace("\\040", " ")) == want)
+            .unwrap_or(false)
+    })
+}
+
+impl LoopDevice {
+    /// Like [`attach`](Self::attach), with `--direct-io=on`: the loop device
+    /// reads and writes its file with O_DIRECT, so no page cache over the
+    /// file hides the data path from the filesystem on top.
+    pub fn attach_direct_io(file: &Path) -> LoopDevice {
+        let out = run(Command::new("losetup")
+            .args(["--find", "--show", "--direct-io=on"])
+            .arg(file));
+        let dev = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        assert!(dev.starts_with("/dev/loop"), "losetup said {dev:?}");
+        LoopDevice { dev }
+    }
+}
+
+/// The loop devices now bound to `file` (per
+/// /sys/block/loop*/loop/backing_file): empty once every one is detached.
+pub fn loop_devices_backed_by(file: &Path) -> Vec<String> {
+    let want = file.canonicalize().unwrap_or_else(|_| file.to_path_buf());
+    let Ok(blocks) = std::fs::read_dir("/sys/block") else {
+        return Vec::new();
+    };
+    blocks
+        .flatten()
+        .filter_map(|b| {
+            let backing = std::fs::read_to_string(b.path().join("loop/backing_file")).ok()?;
+            let backing = backing.trim_end_matches('\n');
+            let backing = backing.strip_suffix(" (deleted)").unwrap_or(backing);
+            (Path::new(backing) == want)
+                .then(|| format!("/dev/{}", b.file_name().to_string_lossy()))
+        })
+        .collect()
+}
+
+impl FuseExport {
+    /// Whether the `nbdfuse` process is still alive.
+    pub fn is_running(&mut self) -> bool {
+        self.proc.is_running()
+    }
+}
+
+/// One fio job through fio's own `nbd` engine, running in the background
+/// (killed if the test ends first). Its result is fio's JSON report, read
+/// when it exits.
+pub struct Fio {
+    pub proc: Proc,
+    json: PathBuf,
+}
+
+impl Fio {
+    /// Starts `fio --name=NAME --ioengine=nbd --uri=URI JOB...` in `dir`.
+    ///
+    /// Runs with `--continue_on_error=all`: fio then counts every IO and
+    /// verify error in `total_err` instead of stopping at the first, and
+    /// exits 0 whatever happened, so [`FioReport::assert_clean`] checks the
+    /// report, not only the exit code.
+    pub fn start(dir: &Path, name: &str, uri: &str, job: &[&str]) -> Fio {
+        let json = dir.join(format!("fio-{name}.json"));
+        let mut cmd = Command::new("fio");
+        cmd.current_dir(dir)
+            .arg(format!("--name={name}"))
+            .arg("--ioengine=nbd")
+            .arg(format!("--uri={uri}"))
+            .args([
+                "--output-format=json",
+                "--continue_on_error=all",
+                "--verify_state_save=0",
+                "--eta=never",
+                // Jobs as threads of the one fio process, so killing it
+                // (when a test fails) leaves no job process behind.
+                "--thread",
+            ])
+            .arg(format!("--output={}", json.display()))
+            .args(job);
+        let proc = Proc::spawn(
+            &format!("fio {name}"),
+            &mut cmd,
+            dir.join(format!("fio-{name}.log")),
+        );
+        Fio { proc, json }
+    }
+
+    /// Starts the job and waits for it.
+    pub fn run(dir: &Path, name: &str, uri: &str, job: &[&str], timeout: Duration) -> FioReport {
+        Fio::start(dir, name, uri, job).wait(timeout)
+    }
+
+    /// Waits up to `timeout` for fio to finish and reads its report.
+    pub fn wait(mut self, timeout: Duration) -> FioReport {
+        let Some(status) = self.proc.wait_exit(timeout) else {
+            panic!("fio still running after {timeout:?}");
+        };
+        let log = self.proc.log_text();
+        let text = std::fs::read_to_string(&self.json).unwrap_or_default();
+        // fio may print a line of its own before the JSON document.
+        let start = text.find('{').unwrap_or_else(|| {
+            panic!("fio ({status}) wrote no JSON report:\n{text}\nits output:\n{log}")
+        });
+        let json: serde_json::Value = serde_json::from_str(&text[start..])
+            .unwrap_or_else(|e| panic!("fio's report is not JSON ({e}):\n{text}\n{log}"));
+        FioReport { status, json, log }
+    }
+}
+
+/// fio's JSON report of one run, with its exit status and output.
+pub struct FioReport {
+    pub status: std::process::ExitStatus,
+    pub json: serde_json::Value,
+    pub log: String,
+}
+
+impl FioReport {
+    pub fn jobs(&self) -> &[serde_json::Value] {
+        self.json["jobs"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+    }
+
+    /// fio exited 0 and every job reports no error at all: `error` (the
+    /// job's first error, an errno) and `total_err`/`first_error` (every IO
+    /// and verify error counted under `--continue_on_error`) are all 0.
+    pub fn assert_clean(&self) {
+        let show = || format!("fio output:\n{}\nreport:\n{:#}", self.log, self.json);
+        assert!(
+            self.status.success(),
+            "fio failed ({}); {}",
+            self.status,
+            show()
+        );
+        assert!(!self.jobs().is_empty(), "fio reported no job; {}", show());
+        for job in self.jobs() {
+            let name = job["jobname"].as_str().unwrap_or("?");
+            for key in ["error", "total_err", "first_error"] {
+                let v = job[key]
+                    .as_i64()
+                    .unwrap_or_else(|| panic!("job {name} has no {key:?}; {}", show()));
+                assert_eq!(v, 0, "fio job {name}: {key} = {v}; {}", show());
+            }
+        }
+    }
+
+    /// Bytes fio moved in one direction ("read" or "write"), over all jobs.
+    pub fn io_bytes(&self, direction: &str) -> u64 {
+        self.jobs()
+            .iter()
+            .map(|j| j[direction]["io_bytes"].as_u64().unwrap_or(0))
+            .sum()
+    }
+}
+
+/// Asks a process to stop (SIGTERM) and waits for it; panics with its log
+/// if it does not exit within `timeout`.
+pub fn sigterm_and_wait(proc: &mut Proc, timeout: Duration) -> std::process::ExitStatus {
+    proc.signal(nix::sys::signal::Signal::SIGTERM);
+    proc.wait_exit(timeout).unwrap_or_else(|| {
+        panic!(
+            "{} did not stop within {timeout:?} of SIGTERM:\n{}",
+            proc.name,
+            proc.log_text()
+        )
+    })
+}
