@@ -1,0 +1,646 @@
+//! The `shorthorn` command line as people meet it: help texts, volume
+//! management against a real replica daemon (including what it must refuse,
+//! and how clearly), engine start-up failures, and `shorthorn dev` from
+//! start to Ctrl-C and back again.
+
+mod common;
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Output};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+
+use common::*;
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Runs the CLI; it must finish within `limit`. Returns its status and its
+/// combined stdout and stderr.
+fn run_within(limit: Duration, args: &[&str], log: PathBuf) -> (ExitStatus, String, Duration) {
+    let started = Instant::now();
+    let mut p = Proc::spawn(
+        &format!("shorthorn {}", args.join(" ")),
+        Command::new(BIN).args(args),
+        log,
+    );
+    let status = p.wait_exit(limit).unwrap_or_else(|| {
+        panic!(
+            "`shorthorn {}` still running after {limit:?}",
+            args.join(" ")
+        )
+    });
+    (status, p.log_text(), started.elapsed())
+}
+
+/// The CLI must refuse `args`: a failure exit, and every one of `wants` in
+/// what it printed.
+fn refused(args: &[&str], wants: &[&str]) -> Output {
+    let out = shorthorn(args);
+    let err = text(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "`shorthorn {}` succeeded:\n{}{err}",
+        args.join(" "),
+        text(&out.stdout)
+    );
+    for w in wants {
+        assert!(
+            err.contains(w),
+            "`shorthorn {}` did not say {w:?}:\n{err}",
+            args.join(" ")
+        );
+    }
+    assert!(
+        !err.contains("panicked"),
+        "`shorthorn {}` panicked:\n{err}",
+        args.join(" ")
+    );
+    out
+}
+
+/// Every path under `dir`, except logs (which grow).
+fn tree(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "log") {
+                continue;
+            }
+            if p.is_dir() {
+                todo.push(p.clone());
+            }
+            out.push(p);
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn help_texts_name_every_flag() {
+    let cases: &[(&[&str], &[&str])] = &[
+        (
+            &["--help"],
+            &["replica", "volume", "engine", "dev", "--log", "--version"],
+        ),
+        (
+            &["replica", "serve", "--help"],
+            &["--data-dir", "--listen", "--io-engine", "--max-connections"],
+        ),
+        (
+            &["volume", "create", "--help"],
+            &["<NAME>", "--size", "--replica", "--timeout-ms"],
+        ),
+        (
+            &["volume", "list", "--help"],
+            &["--replica", "--timeout-ms"],
+        ),
+        (
+            &["engine", "serve", "--help"],
+            &[
+                "<NAME>",
+                "--replica",
+                "--nbd",
+                "--io-timeout-ms",
+                "--max-connections",
+            ],
+        ),
+        (
+            &["dev", "--help"],
+            &[
+                "--data-dir",
+                "--replicas",
+                "--size",
+                "--name",
+                "--nbd",
+                "--io-engine",
+            ],
+        ),
+    ];
+    for (args, flags) in cases {
+        let out = shorthorn(args);
+        let help = text(&out.stdout);
+        assert!(
+            out.status.success(),
+            "`shorthorn {}` failed: {}",
+            args.join(" "),
+            text(&out.stderr)
+        );
+        for flag in *flags {
+            assert!(
+                help.contains(flag),
+                "`shorthorn {}` does not mention {flag}:\n{help}",
+                args.join(" ")
+            );
+        }
+    }
+    let out = shorthorn(&["--version"]);
+    assert!(out.status.success());
+    assert!(text(&out.stdout).starts_with("shorthorn "));
+
+    // No command, an unknown one, a missing required flag: usage errors.
+    for args in [
+        &[][..],
+        &["frobnicate"][..],
+        &["volume", "create", "v"][..],
+        &["engine", "serve", "v", "--replica", "127.0.0.1:1"][..],
+    ] {
+        let out = shorthorn(args);
+        assert_eq!(out.status.code(), Some(2), "`shorthorn {}`", args.join(" "));
+        assert!(text(&out.stderr).contains("Usage"), "{}", text(&out.stderr));
+    }
+}
+
+#[test]
+fn volume_create_is_idempotent_and_refuses_bad_input_clearly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = Replica::start(&tmp.path().join("r1"), "auto");
+    let addr = r.addr.as_str();
+
+    let out = shorthorn(&[
+        "volume",
+        "create",
+        "vol1",
+        "--size",
+        "64MiB",
+        "--replica",
+        addr,
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("created vol1 (64 MiB)"),
+        "{}",
+        text(&out.stdout)
+    );
+    // Again with the same size (spelled another way): a no-op that says so.
+    let out = shorthorn(&[
+        "volume",
+        "create",
+        "vol1",
+        "--size",
+        "67108864",
+        "--replica",
+        addr,
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("already exists"),
+        "{}",
+        text(&out.stdout)
+    );
+    // Another size: refused, naming both sizes.
+    refused(
+        &[
+            "volume",
+            "create",
+            "vol1",
+            "--size",
+            "128MiB",
+            "--replica",
+            addr,
+        ],
+        &["vol1", "already exists", "67108864", "134217728"],
+    );
+
+    let listing = |want: &[&str]| {
+        let out = shorthorn(&["volume", "list", "--replica", addr]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let list = text(&out.stdout);
+        let rows: Vec<&str> = list.lines().skip(1).collect();
+        assert_eq!(rows.len(), want.len(), "volume list:\n{list}");
+        for (row, name) in rows.iter().zip(want) {
+            let cols: Vec<&str> = row.split_whitespace().collect();
+            assert_eq!(cols[0], addr, "{row}");
+            assert_eq!(cols[1], *name, "{row}");
+        }
+        list
+    };
+    let list = listing(&["vol1"]);
+    assert!(list.contains("64 MiB"), "{list}");
+
+    // Names that are not names: refused before anything is sent.
+    let before = tree(tmp.path());
+    for name in ["../x", "", "a b", "..", "a/b", "-x", ".hidden", "/etc"] {
+        let out = refused(
+            &[
+                "volume",
+                "create",
+                "--size",
+                "64MiB",
+                "--replica",
+                addr,
+                "--",
+                name,
+            ],
+            &["volume name"],
+        );
+        assert_eq!(out.status.code(), Some(2), "usage error for {name:?}");
+    }
+    // Sizes that are not sizes, or not sizes a volume can have.
+    for (size, says) in [
+        ("12parsecs", "parsecs"),
+        ("0", "size"),
+        ("1000", "1000"),
+        ("", "not a size"),
+        ("-5", "size"),
+        ("99999999999TiB", "too large"),
+        ("64 MiB extra", "unit"),
+    ] {
+        refused(
+            &[
+                "volume",
+                "create",
+                "sized",
+                "--size",
+                size,
+                "--replica",
+                addr,
+            ],
+            &[says],
+        );
+    }
+    refused(
+        &[
+            "volume",
+            "create",
+            "many",
+            "--size",
+            "64MiB",
+            "--replica",
+            addr,
+            "--replica",
+            addr,
+            "--replica",
+            addr,
+        ],
+        &["1 or 2 replicas"],
+    );
+    assert_eq!(
+        tree(tmp.path()),
+        before,
+        "a refused create left files behind"
+    );
+    assert!(!tmp.path().join("x").exists());
+    listing(&["vol1"]);
+
+    // Daemons that are not there, or not daemons: a clear error, quickly.
+    let closed = format!("127.0.0.1:{}", free_port());
+    let hole = TcpListener::bind("127.0.0.1:0").unwrap();
+    let hole_addr = hole.local_addr().unwrap().to_string();
+    let web = TcpListener::bind("127.0.0.1:0").unwrap();
+    let web_addr = web.local_addr().unwrap().to_string();
+    let web_server = std::thread::spawn(move || {
+        // Answers like a web server, then hangs up.
+        use std::io::Write;
+        if let Ok((mut s, _)) = web.accept() {
+            let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n");
+        }
+    });
+    for (target, says, limit) in [
+        (closed.as_str(), "Connection refused", 5),
+        (hole_addr.as_str(), "no handshake answer", 8),
+        (web_addr.as_str(), "not a shorthorn replica", 5),
+        ("not-an-address", "not-an-address", 10),
+    ] {
+        let (status, log, took) = run_within(
+            Duration::from_secs(30),
+            &[
+                "volume",
+                "create",
+                "far",
+                "--size",
+                "64MiB",
+                "--replica",
+                target,
+                "--timeout-ms",
+                "2000",
+            ],
+            tmp.path().join("far.log"),
+        );
+        assert!(!status.success(), "create on {target} succeeded:\n{log}");
+        assert!(log.contains(target), "error does not name {target}:\n{log}");
+        assert!(
+            log.contains(says),
+            "error for {target} does not say {says:?}:\n{log}"
+        );
+        assert!(
+            took < Duration::from_secs(limit),
+            "create on {target} took {took:?}"
+        );
+    }
+    web_server.join().unwrap();
+    drop(hole);
+    refused(
+        &[
+            "volume",
+            "list",
+            "--replica",
+            &closed,
+            "--timeout-ms",
+            "2000",
+        ],
+        &[closed.as_str()],
+    );
+
+    // The daemon took no harm from any of it.
+    assert!(listing(&["vol1"]).contains("64 MiB"));
+    let out = shorthorn(&[
+        "volume",
+        "create",
+        "vol2",
+        "--size",
+        "4096",
+        "--replica",
+        addr,
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    listing(&["vol1", "vol2"]);
+}
+
+#[test]
+fn engine_serve_fails_clearly_when_it_cannot_serve() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = Replica::start(&tmp.path().join("r1"), "auto");
+    create_volume("real", "16MiB", &[&r]);
+    let sock = tmp.path().join("e.sock");
+    let nbd = format!("unix:{}", sock.display());
+    let closed = format!("127.0.0.1:{}", free_port());
+
+    let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
+        // A volume no replica has.
+        (
+            vec!["nope", "--replica", &r.addr],
+            vec!["nope", "no volume named"],
+        ),
+        // No replica reachable.
+        (
+            vec!["real", "--replica", &closed],
+            vec!["real", closed.as_str(), "Connection refused"],
+        ),
+        // Three replicas.
+        (
+            vec![
+                "real",
+                "--replica",
+                &r.addr,
+                "--replica",
+                &r.addr,
+                "--replica",
+                &r.addr,
+            ],
+            vec!["1 or 2 replicas"],
+        ),
+    ];
+    for (extra, wants) in cases {
+        let mut args = vec!["engine", "serve", "--nbd", &nbd, "--io-timeout-ms", "2000"];
+        args.extend(extra.iter());
+        let (status, log, took) = run_within(
+            Duration::from_secs(20),
+            &args,
+            tmp.path().join("engine.log"),
+        );
+        assert!(!status.success(), "`{}` succeeded:\n{log}", args.join(" "));
+        for w in wants {
+            assert!(
+                log.contains(w),
+                "`{}` did not say {w:?}:\n{log}",
+                args.join(" ")
+            );
+        }
+        assert!(!log.contains("panicked"), "{log}");
+        assert!(took < Duration::from_secs(10), "took {took:?}");
+        assert!(
+            std::os::unix::net::UnixStream::connect(&sock).is_err(),
+            "a failed engine left its NBD socket answering"
+        );
+    }
+    // Bad arguments: usage errors naming the culprit.
+    refused(
+        &[
+            "engine",
+            "serve",
+            "../x",
+            "--replica",
+            &r.addr,
+            "--nbd",
+            &nbd,
+        ],
+        &["volume name"],
+    );
+    refused(
+        &[
+            "engine",
+            "serve",
+            "real",
+            "--replica",
+            &r.addr,
+            "--nbd",
+            "nowhere",
+        ],
+        &["nowhere"],
+    );
+    // A socket path it cannot create.
+    let bad_sock = format!("unix:{}", tmp.path().join("no/such/dir/e.sock").display());
+    let (status, log, _) = run_within(
+        Duration::from_secs(20),
+        &[
+            "engine",
+            "serve",
+            "real",
+            "--replica",
+            &r.addr,
+            "--nbd",
+            &bad_sock,
+        ],
+        tmp.path().join("engine-bad-sock.log"),
+    );
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("no/such/dir"), "{log}");
+
+    // After all that, a good engine still starts and serves the volume.
+    let engine = Engine::start(tmp.path(), "real", &[&r]);
+    let out = run(Command::new("nbdinfo").arg("--size").arg(engine.uri()));
+    assert_eq!(text(&out.stdout).trim(), (16u64 << 20).to_string());
+}
+
+// ----- shorthorn dev -------------------------------------------------------
+
+/// Pids (other than ours) whose command line mentions `marker`.
+fn pids_mentioning(marker: &str) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let mut cmdline = Vec::new();
+        if let Ok(mut f) = std::fs::File::open(e.path().join("cmdline")) {
+            let _ = f.read_to_end(&mut cmdline);
+        }
+        if text(&cmdline).replace('\0', " ").contains(marker) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) state ppid ..."; comm may hold spaces, so cut after ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Kills (by pid) whatever is left that mentions the test's own directory,
+/// so a failing test leaves no daemons behind.
+struct Sweep(String);
+
+impl Drop for Sweep {
+    fn drop(&mut self) {
+        for pid in pids_mentioning(&self.0) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+}
+
+fn qemu_io(uri: &str, commands: &[String]) -> String {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw"]);
+    for c in commands {
+        cmd.arg("-c").arg(c);
+    }
+    let out = run(cmd.arg(uri));
+    let said = text(&out.stdout) + &text(&out.stderr);
+    assert!(
+        !said.contains("verification failed") && !said.contains("error"),
+        "qemu-io: {said}"
+    );
+    said
+}
+
+#[test]
+fn dev_serves_a_volume_and_ctrl_c_stops_everything() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let marker = data.display().to_string();
+    let _sweep = Sweep(marker.clone());
+    let size = 64u64 << 20;
+
+    for round in 0..2 {
+        let mut dev = Proc::spawn(
+            "shorthorn dev",
+            Command::new(BIN).args(["dev", "--data-dir", &marker, "--size", "64MiB"]),
+            tmp.path().join(format!("dev-{round}.log")),
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let uri = loop {
+            let log = dev.log_text();
+            if log.contains("shorthorn dev is up") {
+                if let Some(line) = log.lines().find(|l| l.trim_start().starts_with("NBD URI:")) {
+                    break line.trim_start()["NBD URI:".len()..].trim().to_string();
+                }
+            }
+            assert!(dev.is_running(), "dev exited before it was up:\n{log}");
+            assert!(Instant::now() < deadline, "dev not up in 30 s:\n{log}");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(uri.starts_with("nbd+unix://"), "{uri}");
+        assert!(
+            uri.contains(&marker),
+            "the socket is not in the data dir: {uri}"
+        );
+        if round == 1 {
+            assert!(
+                dev.log_text().contains("already exists"),
+                "the second run did not find the volume:\n{}",
+                dev.log_text()
+            );
+        }
+
+        // Two replica daemons and an engine, all children of dev.
+        let children: Vec<i32> = pids_mentioning(&marker)
+            .into_iter()
+            .filter(|pid| *pid != dev.pid())
+            .collect();
+        assert_eq!(children.len(), 3, "dev's processes: {children:?}");
+        for pid in &children {
+            assert_eq!(
+                parent_of(*pid),
+                Some(dev.pid()),
+                "pid {pid} is not dev's child"
+            );
+        }
+
+        let out = run(Command::new("nbdinfo").arg("--json").arg(&uri));
+        let json = text(&out.stdout);
+        let export_size = json.split("\"export-size\":").nth(1).and_then(|rest| {
+            rest.trim_start()
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse::<u64>()
+                .ok()
+        });
+        assert_eq!(export_size, Some(size), "nbdinfo --json:\n{json}");
+
+        let patterns = [
+            (0x5c, 4u64 << 20, 1u64 << 20),
+            (0xa7, size - (256 << 10), 256 << 10),
+        ];
+        if round == 0 {
+            let mut cmds = Vec::new();
+            for (p, off, len) in patterns {
+                cmds.push(format!("write -P {p:#x} {off} {len}"));
+            }
+            cmds.push("flush".into());
+            for (p, off, len) in patterns {
+                cmds.push(format!("read -P {p:#x} {off} {len}"));
+            }
+            qemu_io(&uri, &cmds);
+        } else {
+            let cmds: Vec<String> = patterns
+                .iter()
+                .map(|(p, off, len)| format!("read -P {p:#x} {off} {len}"))
+                .collect();
+            qemu_io(&uri, &cmds);
+        }
+        // Untouched space reads as zeroes.
+        qemu_io(&uri, &[format!("read -P 0 {} {}", 8 << 20, 1 << 20)]);
+
+        dev.signal(Signal::SIGINT);
+        let status = dev
+            .wait_exit(Duration::from_secs(20))
+            .unwrap_or_else(|| panic!("dev still running 20 s after Ctrl-C:\n{}", dev.log_text()));
+        assert!(
+            status.success(),
+            "dev exited with {status}:\n{}",
+            dev.log_text()
+        );
+        for pid in &children {
+            assert!(
+                !Path::new(&format!("/proc/{pid}")).exists()
+                    || !pids_mentioning(&marker).contains(pid),
+                "dev's child {pid} outlived it"
+            );
+        }
+        assert_eq!(
+            pids_mentioning(&marker),
+            Vec::<i32>::new(),
+            "processes left behind"
+        );
+        assert!(
+            dev.log_text().contains("data kept in"),
+            "{}",
+            dev.log_text()
+        );
+    }
+}
