@@ -1016,8 +1016,10 @@ fn replica_daemon_keeps_serving_an_engine_during_garbage() {
             "--do_verify=1",
             "--verify_fatal=1",
             "--loops=2",
+            "--verify_state_save=0",
         ])
         .arg(format!("--uri={}", engine.uri()))
+        .current_dir(tmp.path())
         .output()
         .expect("run fio");
     // Keep the garbage going for at least a few rounds.
