@@ -1,0 +1,273 @@
+//! One bench run from start to end: check the tools, set up the targets,
+//! prefill them, run every (workload, target) fio job one at a time, read
+//! the servers' peak RSS, stop everything, then print and record the tables.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+
+use crate::fio::{self, Job, Timing};
+use crate::machine::{self, Machine};
+use crate::procs::{run_to_end, StopFlag};
+use crate::report::{self, Table};
+use crate::targets::{remove_leftovers, Lab, LabConfig, TargetKind};
+use crate::{source_dir, BenchArgs, Plan};
+
+/// What the measuring part of a run produces.
+struct Outcome {
+    table: Table,
+    rss: Vec<(String, Option<u64>)>,
+    warnings: Vec<String>,
+    load_end: Option<f64>,
+}
+
+pub fn run_blocking(args: &BenchArgs, shorthorn_exe: &Path, stop: &StopFlag) -> anyhow::Result<()> {
+    let mut plan = Plan::new(args)?;
+    let versions = check_tools(&plan, shorthorn_exe)?;
+    std::fs::create_dir_all(&plan.dir)
+        .with_context(|| format!("creating {}", plan.dir.display()))?;
+    plan.dir = plan.dir.canonicalize()?;
+    remove_leftovers(&plan.dir)?;
+
+    let machine = Machine::probe(&plan.dir);
+    let revision = machine::git_revision(source_dir());
+    let started = machine::utc_now();
+    let load_start = machine::load_average();
+    eprintln!(
+        "shorthorn bench: {} workloads × {} targets of {} MiB in {}, ramp {:.1} s + runtime {:.1} s per job",
+        plan.workloads.len(),
+        plan.targets.len(),
+        plan.size_bytes >> 20,
+        plan.dir.display(),
+        plan.ramp.as_secs_f64(),
+        plan.runtime.as_secs_f64(),
+    );
+
+    let outcome = measure(&plan, args, shorthorn_exe, stop);
+    if args.keep {
+        eprintln!("keeping the targets in {} (--keep)", plan.dir.display());
+    } else if let Err(e) = remove_leftovers(&plan.dir) {
+        eprintln!("could not remove every target file: {e:#}");
+    }
+    let outcome = outcome?;
+
+    let table = outcome.table.render();
+    let rss = report::render_rss(&outcome.rss);
+    println!(
+        "\n{table}\n{}\n\nPeak RSS of each server process:\n\n{rss}",
+        report::LEGEND
+    );
+    for w in &outcome.warnings {
+        println!("WARNING: {w}");
+    }
+
+    if let Some(path) = &plan.results {
+        let mut section = String::new();
+        let _ = writeln!(section, "## {started} · shorthorn {revision}\n");
+        let _ = writeln!(section, "- command: `{}`", command_line());
+        let _ = writeln!(
+            section,
+            "- machine: {} cores, {} memory, kernel {}; work dir on {}",
+            machine.cores, machine.memory, machine.kernel, machine.disk
+        );
+        let _ = writeln!(
+            section,
+            "- each target {} MiB, prefilled; per job {:.1} s ramp + {:.1} s measured, one job at a time; \
+             {}; replica daemons' IO engine `{}`",
+            plan.size_bytes >> 20,
+            plan.ramp.as_secs_f64(),
+            plan.runtime.as_secs_f64(),
+            versions,
+            args.io_engine,
+        );
+        let load = |l: Option<f64>| l.map_or("?".to_string(), |l| format!("{l:.2}"));
+        let _ = writeln!(
+            section,
+            "- 1-minute load average: {} before, {} after (above ~0.5 means other work shared the cores)",
+            load(load_start),
+            load(outcome.load_end)
+        );
+        if let Some(note) = &args.note {
+            let _ = writeln!(section, "- note: {note}");
+        }
+        let _ = writeln!(
+            section,
+            "\n{table}\n{}\n\nPeak RSS:\n\n{rss}",
+            report::LEGEND
+        );
+        for w in &outcome.warnings {
+            let _ = writeln!(section, "**Warning:** {w}\n");
+        }
+        crate::results_file::add_run(path, &section)?;
+        eprintln!("added this run to {}", path.display());
+    }
+    Ok(())
+}
+
+/// Sets up the targets, runs every job, and stops the servers again
+/// (whether or not the jobs succeeded) before returning.
+fn measure(
+    plan: &Plan,
+    args: &BenchArgs,
+    shorthorn_exe: &Path,
+    stop: &StopFlag,
+) -> anyhow::Result<Outcome> {
+    eprintln!("starting the targets' servers...");
+    let mut lab = Lab::start(
+        &LabConfig {
+            dir: &plan.dir,
+            kinds: &plan.targets,
+            size_bytes: plan.size_bytes,
+            shorthorn_exe,
+            io_engine: &args.io_engine,
+        },
+        stop,
+    )?;
+
+    for (i, (kind, target)) in lab.targets.iter().enumerate() {
+        eprint!(
+            "[prefill {}/{}] {}: writing {} MiB ... ",
+            i + 1,
+            lab.targets.len(),
+            kind.name(),
+            plan.size_bytes >> 20
+        );
+        let job = Job {
+            name: "prefill",
+            target,
+            size_bytes: plan.size_bytes,
+            shape: fio::PREFILL,
+            timing: None,
+        };
+        let r = run_fio(&lab, &job, *kind, Duration::from_secs(3600), stop)?;
+        eprintln!("{:.0} MiB/s", r.write.bw_bytes as f64 / (1 << 20) as f64);
+    }
+
+    let mut table = Table::new(&plan.workloads, &plan.targets);
+    let total = plan.workloads.len() * lab.targets.len();
+    let timing = Timing {
+        ramp: plan.ramp,
+        runtime: plan.runtime,
+    };
+    let timeout = plan.ramp + plan.runtime + Duration::from_secs(60);
+    let mut n = 0;
+    for &workload in &plan.workloads {
+        for (kind, target) in &lab.targets {
+            n += 1;
+            eprint!("[{n}/{total}] {} {} ... ", kind.name(), workload.name());
+            let job = Job {
+                name: workload.name(),
+                target,
+                size_bytes: plan.size_bytes,
+                shape: workload.shape(),
+                timing: Some(timing),
+            };
+            let r = run_fio(&lab, &job, *kind, timeout, stop)?;
+            let Some(figure) = workload.figure(&r) else {
+                bail!(
+                    "fio did no {} IO on {}; see its report in {}",
+                    workload.name(),
+                    kind.name(),
+                    lab.logs.display()
+                );
+            };
+            table.set(workload, *kind, figure);
+            let ratio = table
+                .ratio(workload, *kind)
+                .filter(|_| *kind != TargetKind::Raw)
+                .map(|r| format!(" ({} of raw)", report::format_ratio(r)))
+                .unwrap_or_default();
+            eprintln!(
+                "{}{ratio}",
+                report::format_figure(workload.metric(), figure)
+            );
+        }
+    }
+
+    // Read before stopping: VmHWM is gone with the process.
+    lab.check_running()?;
+    let rss = lab.peak_rss();
+    let warnings = lab.warnings();
+    let load_end = machine::load_average();
+    eprintln!("stopping the servers...");
+    lab.stop();
+    Ok(Outcome {
+        table,
+        rss,
+        warnings,
+        load_end,
+    })
+}
+
+/// Runs one fio job alone and parses its JSON report.
+fn run_fio(
+    lab: &Lab,
+    job: &Job,
+    kind: TargetKind,
+    timeout: Duration,
+    stop: &StopFlag,
+) -> anyhow::Result<fio::FioResult> {
+    // Write back what earlier jobs left dirty in the page cache, so that
+    // writeback does not land in this job's measurement.
+    nix::unistd::sync();
+    let stem = format!("fio-{}-{}", kind.name(), job.name);
+    let output = lab.logs.join(format!("{stem}.json"));
+    let _ = std::fs::remove_file(&output);
+    run_to_end(
+        &format!("fio {} on {}", job.name, kind.name()),
+        &mut job.command(&output),
+        lab.logs.join(format!("{stem}.log")),
+        timeout,
+        stop,
+    )?;
+    stop.check()?;
+    let text = std::fs::read_to_string(&output)
+        .with_context(|| format!("reading fio's report {}", output.display()))?;
+    fio::parse(&text).with_context(|| format!("fio's report {}", output.display()))
+}
+
+/// Checks that the programs the run needs are there; returns their
+/// versions for the record.
+fn check_tools(plan: &Plan, shorthorn_exe: &Path) -> anyhow::Result<String> {
+    const HINT: &str = "install the test tools with .ci/install-deps";
+    let fio = machine::tool_version("fio").with_context(|| format!("fio not found; {HINT}"))?;
+    let mut versions = vec![fio];
+    let nbd = plan.targets.iter().any(|t| *t != TargetKind::Raw);
+    if nbd {
+        let ok = std::process::Command::new("fio")
+            .arg("--enghelp=nbd")
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        if !ok {
+            bail!("this fio has no nbd engine (it needs fio built with libnbd); {HINT}");
+        }
+    }
+    if plan.targets.contains(&TargetKind::NbdkitFile) {
+        let v =
+            machine::tool_version("nbdkit").with_context(|| format!("nbdkit not found; {HINT}"))?;
+        versions.push(v);
+    }
+    let shorthorn = plan
+        .targets
+        .iter()
+        .any(|t| matches!(t, TargetKind::Shorthorn1r | TargetKind::Shorthorn2r));
+    if shorthorn && !shorthorn_exe.is_file() {
+        bail!("no shorthorn program at {}", shorthorn_exe.display());
+    }
+    Ok(versions.join(", "))
+}
+
+/// This process's command line, with the program's directory left out
+/// (`shorthorn bench ...`).
+fn command_line() -> String {
+    let mut args: Vec<String> = std::env::args().collect();
+    if let Some(first) = args.first_mut() {
+        if let Some(name) = Path::new(first.as_str()).file_name() {
+            *first = name.to_string_lossy().into_owned();
+        }
+    }
+    machine::shell_line(&args)
+}

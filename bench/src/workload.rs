@@ -1,0 +1,186 @@
+//! The workloads the bench measures: the seed's mixed workload and kbench's
+//! set. Each knows its fio shape (pattern, block size, queue depth) and
+//! which figure of fio's result it reports. Nothing here runs anything.
+
+use clap::ValueEnum;
+
+use crate::fio::FioResult;
+
+/// One row of the results table.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Workload {
+    /// The seed's `randrw 75/25, 4k, iodepth 64`: read + write IOPS.
+    #[value(name = "seed-randrw")]
+    SeedRandrw,
+    /// Random read IOPS, 4k, iodepth 64.
+    #[value(name = "randread-iops")]
+    RandreadIops,
+    /// Random write IOPS, 4k, iodepth 64.
+    #[value(name = "randwrite-iops")]
+    RandwriteIops,
+    /// Sequential read bandwidth, 128k, iodepth 64.
+    #[value(name = "seqread-bw")]
+    SeqreadBw,
+    /// Sequential write bandwidth, 128k, iodepth 64.
+    #[value(name = "seqwrite-bw")]
+    SeqwriteBw,
+    /// Random read mean completion latency, 4k, iodepth 1.
+    #[value(name = "randread-lat")]
+    RandreadLat,
+    /// Random write mean completion latency, 4k, iodepth 1.
+    #[value(name = "randwrite-lat")]
+    RandwriteLat,
+}
+
+/// What a workload's figure measures, which decides its unit and which way
+/// is better.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Metric {
+    /// IO operations per second (higher is better).
+    Iops,
+    /// MiB per second (higher is better).
+    MibPerSec,
+    /// Mean completion latency in microseconds (lower is better).
+    LatencyUs,
+}
+
+impl Metric {
+    pub fn lower_is_better(self) -> bool {
+        self == Metric::LatencyUs
+    }
+}
+
+/// The fio parameters that make a workload what it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shape {
+    /// fio's `--rw`.
+    pub rw: &'static str,
+    pub block_size_kib: u32,
+    pub iodepth: u32,
+    /// fio's `--rwmixread`, for mixed workloads.
+    pub read_percent: Option<u32>,
+}
+
+/// Which side of fio's result a figure comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Side {
+    Read,
+    Write,
+    Both,
+}
+
+impl Workload {
+    pub const ALL: [Workload; 7] = [
+        Workload::SeedRandrw,
+        Workload::RandreadIops,
+        Workload::RandwriteIops,
+        Workload::SeqreadBw,
+        Workload::SeqwriteBw,
+        Workload::RandreadLat,
+        Workload::RandwriteLat,
+    ];
+
+    /// The name used on the command line, in progress lines and fio job names.
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::SeedRandrw => "seed-randrw",
+            Workload::RandreadIops => "randread-iops",
+            Workload::RandwriteIops => "randwrite-iops",
+            Workload::SeqreadBw => "seqread-bw",
+            Workload::SeqwriteBw => "seqwrite-bw",
+            Workload::RandreadLat => "randread-lat",
+            Workload::RandwriteLat => "randwrite-lat",
+        }
+    }
+
+    /// The row label in the results table.
+    pub fn label(self) -> &'static str {
+        match self {
+            Workload::SeedRandrw => "seed randrw 75/25 4k QD64, IOPS r+w",
+            Workload::RandreadIops => "random read 4k QD64, IOPS",
+            Workload::RandwriteIops => "random write 4k QD64, IOPS",
+            Workload::SeqreadBw => "seq read 128k QD64, MiB/s",
+            Workload::SeqwriteBw => "seq write 128k QD64, MiB/s",
+            Workload::RandreadLat => "random read 4k QD1, mean µs (lower is better)",
+            Workload::RandwriteLat => "random write 4k QD1, mean µs (lower is better)",
+        }
+    }
+
+    pub fn metric(self) -> Metric {
+        match self {
+            Workload::SeedRandrw | Workload::RandreadIops | Workload::RandwriteIops => Metric::Iops,
+            Workload::SeqreadBw | Workload::SeqwriteBw => Metric::MibPerSec,
+            Workload::RandreadLat | Workload::RandwriteLat => Metric::LatencyUs,
+        }
+    }
+
+    pub fn shape(self) -> Shape {
+        let (rw, block_size_kib, iodepth, read_percent) = match self {
+            Workload::SeedRandrw => ("randrw", 4, 64, Some(75)),
+            Workload::RandreadIops => ("randread", 4, 64, None),
+            Workload::RandwriteIops => ("randwrite", 4, 64, None),
+            Workload::SeqreadBw => ("read", 128, 64, None),
+            Workload::SeqwriteBw => ("write", 128, 64, None),
+            Workload::RandreadLat => ("randread", 4, 1, None),
+            Workload::RandwriteLat => ("randwrite", 4, 1, None),
+        };
+        Shape {
+            rw,
+            block_size_kib,
+            iodepth,
+            read_percent,
+        }
+    }
+
+    fn side(self) -> Side {
+        match self {
+            Workload::SeedRandrw => Side::Both,
+            Workload::RandreadIops | Workload::SeqreadBw | Workload::RandreadLat => Side::Read,
+            Workload::RandwriteIops | Workload::SeqwriteBw | Workload::RandwriteLat => Side::Write,
+        }
+    }
+
+    /// The workload's figure from one fio run, in the unit of its metric;
+    /// `None` when fio did no IO on the side that counts (a broken run, not
+    /// a slow one).
+    pub fn figure(self, result: &FioResult) -> Option<f64> {
+        let sides = match self.side() {
+            Side::Read => vec![&result.read],
+            Side::Write => vec![&result.write],
+            Side::Both => vec![&result.read, &result.write],
+        };
+        if sides.iter().any(|s| s.total_ios == 0) {
+            return None;
+        }
+        Some(match self.metric() {
+            Metric::Iops => sides.iter().map(|s| s.iops).sum(),
+            Metric::MibPerSec => {
+                sides.iter().map(|s| s.bw_bytes as f64).sum::<f64>() / (1024.0 * 1024.0)
+            }
+            // Latency rows are single-sided.
+            Metric::LatencyUs => sides[0].clat_mean_ns / 1000.0,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::ValueEnum;
+
+    #[test]
+    fn names_match_the_command_line() {
+        for w in Workload::ALL {
+            let parsed = Workload::from_str(w.name(), false).unwrap();
+            assert_eq!(parsed, w);
+        }
+    }
+
+    #[test]
+    fn latency_rows_are_queue_depth_one() {
+        for w in Workload::ALL {
+            let qd1 = w.shape().iodepth == 1;
+            assert_eq!(qd1, w.metric() == Metric::LatencyUs, "{}", w.name());
+        }
+    }
+}
