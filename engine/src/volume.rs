@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures::future::join_all;
-use shorthorn_proto::{Generation, Reply, Request, VolumeName, MAX_IO_LEN};
+use shorthorn_proto::{ErrorCode, Generation, Reply, Request, VolumeName, MAX_IO_LEN};
 use tracing::{error, info, warn};
 
 use crate::range_lock::RangeLock;
@@ -27,6 +27,20 @@ pub enum EngineError {
     NoReplicaReachable { volume: String, reasons: String },
     #[error("volume {volume}: replicas disagree on the size ({detail})")]
     SizeMismatch { volume: String, detail: String },
+    #[error("volume {volume}: replica {replica} does not hold this volume ({reason})")]
+    NotOnReplica {
+        volume: String,
+        replica: String,
+        reason: String,
+    },
+    #[error(
+        "volume {volume}: another engine holds it ({reason}); refusing to start a second writer"
+    )]
+    HeldByAnotherEngine { volume: String, reason: String },
+    #[error("volume {volume}: a newer engine has taken it over; this one no longer does IO")]
+    Superseded { volume: String },
+    #[error("volume {volume}: generation counter exhausted on its replicas")]
+    GenerationExhausted { volume: String },
     #[error("request [{offset}, +{len}) is past the end of the volume ({size} bytes)")]
     OutOfRange { offset: u64, len: u64, size: u64 },
 }
@@ -36,15 +50,43 @@ pub enum EngineError {
 pub struct VolumeOptions {
     /// A replica that does not answer a request within this is dropped.
     pub io_timeout: Duration,
-    /// This engine's identity in the replicas' logs.
+    /// This engine's identity: in the replicas' logs, and as the owner of
+    /// the generation it claims. Must be unique per engine start.
     pub client_id: String,
+}
+
+impl VolumeOptions {
+    /// An identity no other engine start will share: host, pid and a
+    /// random tag.
+    pub fn unique_client_id(volume: &str) -> String {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "unknown-host".into());
+        let mut tag = [0u8; 8];
+        if getrandom_bytes(&mut tag).is_err() {
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            tag = (t.as_nanos() as u64).to_le_bytes();
+        }
+        format!(
+            "engine {volume} on {host} pid {} #{:016x}",
+            std::process::id(),
+            u64::from_le_bytes(tag)
+        )
+    }
+}
+
+fn getrandom_bytes(buf: &mut [u8]) -> std::io::Result<()> {
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")?.read_exact(buf)
 }
 
 impl Default for VolumeOptions {
     fn default() -> Self {
         VolumeOptions {
             io_timeout: Duration::from_secs(5),
-            client_id: format!("engine pid {}", std::process::id()),
+            client_id: VolumeOptions::unique_client_id("volume"),
         }
     }
 }
@@ -70,6 +112,10 @@ pub struct Volume {
     /// Replicas named at start that could not be reached then.
     missing: Vec<String>,
     writes: RangeLock,
+    /// Set once a replica reported a newer engine's generation: this engine
+    /// has been superseded and must not write anywhere any more, not even to
+    /// replicas the newer engine has not reached yet.
+    fenced: AtomicBool,
 }
 
 impl Volume {
@@ -100,6 +146,15 @@ impl Volume {
                     c.close("look done");
                     seen.push((addr.clone(), info));
                 }
+                Err(ClientError::Remote { error, .. }) if error.code == ErrorCode::NotFound => {
+                    // A configuration error, not an outage: starting
+                    // without it would hide the mistake.
+                    return Err(EngineError::NotOnReplica {
+                        volume: name.to_string(),
+                        replica: addr.clone(),
+                        reason: error.message,
+                    });
+                }
                 Err(e) => {
                     warn!(volume = %name, replica = %addr, error = %e, "replica unreachable; volume starts without it");
                     reasons.push(e.to_string());
@@ -129,7 +184,10 @@ impl Volume {
             .map(|(_, v)| v.generation)
             .max()
             .unwrap_or_default()
-            .next();
+            .next()
+            .ok_or_else(|| EngineError::GenerationExhausted {
+                volume: name.to_string(),
+            })?;
 
         let attached = join_all(seen.iter().map(|(addr, _)| {
             ReplicaClient::connect(addr, client, name.as_str(), generation, timeout)
@@ -148,6 +206,17 @@ impl Volume {
                     client,
                     healthy: AtomicBool::new(true),
                 }),
+                Err(ClientError::Remote { error, .. })
+                    if error.code == ErrorCode::StaleGeneration =>
+                {
+                    // Another engine claimed the volume between our look
+                    // and our attach. Going on with the other replica would
+                    // give two writers; stop, and let the others' claim win.
+                    return Err(EngineError::HeldByAnotherEngine {
+                        volume: name.to_string(),
+                        reason: format!("{addr}: {}", error.message),
+                    });
+                }
                 Err(e) => {
                     warn!(volume = %name, replica = %addr, error = %e, "replica refused the attach; volume starts without it");
                     reasons.push(e.to_string());
@@ -173,6 +242,7 @@ impl Volume {
             slots,
             missing,
             writes: RangeLock::new(),
+            fenced: AtomicBool::new(false),
         }))
     }
 
@@ -253,6 +323,7 @@ impl Volume {
     /// replica still healthy afterwards acknowledged it; those that failed
     /// are dropped first.
     async fn fan_out(&self, request: Request) -> Result<(), EngineError> {
+        self.check_fenced()?;
         let targets: Vec<&Slot> = self.healthy().collect();
         if targets.is_empty() {
             return Err(self.no_healthy());
@@ -262,11 +333,41 @@ impl Volume {
         for (slot, result) in targets.iter().zip(results) {
             match result {
                 Ok(()) => acked += 1,
-                Err(e) => self.drop_replica(slot, &e),
+                Err(e) => self.fail(slot, &e),
             }
         }
+        // A write some replica refused as stale must not be acknowledged,
+        // even if another took it: a newer engine owns the volume now.
+        self.check_fenced()?;
         if acked == 0 {
             return Err(self.no_healthy());
+        }
+        Ok(())
+    }
+
+    /// Handles a replica's failure: a stale-generation answer fences the
+    /// whole engine, anything else drops that replica.
+    fn fail(&self, slot: &Slot, why: &ClientError) {
+        let stale = why
+            .remote()
+            .is_some_and(|e| e.code == ErrorCode::StaleGeneration);
+        if stale && !self.fenced.swap(true, Ordering::AcqRel) {
+            error!(
+                volume = %self.name, replica = %slot.addr, error = %why, generation = %self.generation,
+                "a newer engine has taken this volume over; this engine stops all IO"
+            );
+            for s in &self.slots {
+                s.client.close("superseded by a newer engine");
+            }
+        }
+        self.drop_replica(slot, why);
+    }
+
+    fn check_fenced(&self) -> Result<(), EngineError> {
+        if self.fenced.load(Ordering::Acquire) {
+            return Err(EngineError::Superseded {
+                volume: self.name.to_string(),
+            });
         }
         Ok(())
     }
@@ -288,6 +389,7 @@ impl Volume {
     async fn read_chunk(&self, offset: u64, len: u32) -> Result<Bytes, EngineError> {
         // The first healthy replica in the order the volume was given (the
         // local one first, by convention); on failure, drop it and go on.
+        self.check_fenced()?;
         while let Some(slot) = self.healthy().next() {
             match slot.client.call(Request::Read { offset, len }).await {
                 Ok(Reply::Data(data)) if data.len() == len as usize => return Ok(data),
@@ -295,8 +397,9 @@ impl Volume {
                     let e = slot.client.unexpected(&other);
                     self.drop_replica(slot, &e)
                 }
-                Err(e) => self.drop_replica(slot, &e),
+                Err(e) => self.fail(slot, &e),
             }
+            self.check_fenced()?;
         }
         Err(self.no_healthy())
     }

@@ -12,8 +12,10 @@ use std::fmt;
 pub struct Generation(pub u64);
 
 impl Generation {
-    pub fn next(self) -> Generation {
-        Generation(self.0 + 1)
+    /// The generation after this one; `None` when the counter is spent
+    /// (no replica accepts a jump that large, so it cannot happen honestly).
+    pub fn next(self) -> Option<Generation> {
+        self.0.checked_add(1).map(Generation)
     }
 }
 

@@ -269,7 +269,7 @@ async fn handshake(
     let replica = store.get(&name).map_err(storage_error)?;
     if generation.0 > 0 {
         replica
-            .set_generation(generation)
+            .set_generation(generation, &client)
             .await
             .map_err(storage_error)?;
         info!(volume = %name, %generation, %client, "engine attached");

@@ -50,7 +50,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     );
     let options = VolumeOptions {
         io_timeout: Duration::from_millis(args.io_timeout_ms),
-        client_id: format!("engine {} pid {}", args.name, std::process::id()),
+        client_id: VolumeOptions::unique_client_id(args.name.as_str()),
     };
     let volume = Volume::open(args.name.clone(), &args.replicas, &options)
         .await

@@ -34,6 +34,11 @@ pub enum StorageError {
         current: Generation,
         requested: Generation,
     },
+    #[error("generation {generation} is already held by {owner:?}")]
+    GenerationTaken {
+        generation: Generation,
+        owner: String,
+    },
     #[error("replica data is corrupt: {0}")]
     Corrupt(String),
     /// The volume was deleted while a handle to it was still held.
@@ -64,7 +69,9 @@ impl StorageError {
             StorageError::NotFound(_) | StorageError::Deleted(_) => ErrorCode::NotFound,
             StorageError::AlreadyExists { .. } => ErrorCode::AlreadyExists,
             StorageError::Invalid(_) => ErrorCode::Invalid,
-            StorageError::StaleGeneration { .. } => ErrorCode::StaleGeneration,
+            StorageError::StaleGeneration { .. } | StorageError::GenerationTaken { .. } => {
+                ErrorCode::StaleGeneration
+            }
             // A replica whose files cannot be trusted is as good as a failed
             // disk: the engine drops it and rebuilds.
             StorageError::Corrupt(_) => ErrorCode::Io,

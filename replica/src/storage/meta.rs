@@ -31,6 +31,10 @@ pub struct Meta {
     pub name: String,
     pub size: u64,
     pub generation: u64,
+    /// The engine that claimed `generation`; only it may attach again at
+    /// the same generation (a reconnect), any other engine needs a higher one.
+    #[serde(default)]
+    pub owner: String,
     /// Oldest first; the last one is the head.
     pub layers: Vec<u64>,
     pub head: u64,
@@ -44,6 +48,7 @@ impl Meta {
             name: name.to_owned(),
             size,
             generation: 0,
+            owner: String::new(),
             layers: vec![1],
             head: 1,
             state: ReplicaState::Healthy,

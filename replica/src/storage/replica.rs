@@ -26,6 +26,9 @@ use super::units::{LayerId, BLOCK_SIZE};
 /// be copied up from a snapshot take turns; everything else runs freely.
 const COPY_UP_STRIPES: usize = 64;
 
+/// The largest step a generation may take at once.
+pub const MAX_GENERATION_STEP: u64 = 1 << 32;
+
 pub struct Replica {
     pub(super) name: VolumeName,
     pub(super) size: u64,
@@ -121,9 +124,11 @@ impl Replica {
         self.chain.load().layers().iter().map(|l| l.id).collect()
     }
 
-    /// Raises the generation, durably before returning. An older generation
-    /// is refused; the same one is accepted without touching the disk.
-    pub async fn set_generation(&self, g: Generation) -> Result<(), StorageError> {
+    /// Claims generation `g` for the engine `owner`, durably before
+    /// returning. An older generation is refused. The current one is
+    /// accepted only from the engine that claimed it (a reconnect), so two
+    /// engines that both picked "highest seen + 1" cannot both attach.
+    pub async fn set_generation(&self, g: Generation, owner: &str) -> Result<(), StorageError> {
         self.check_live()?;
         let mut meta = self.meta.lock().await;
         let current = Generation(meta.generation);
@@ -134,14 +139,28 @@ impl Replica {
             });
         }
         if g == current {
-            return Ok(());
+            if meta.owner == owner {
+                return Ok(());
+            }
+            return Err(StorageError::GenerationTaken {
+                generation: g,
+                owner: meta.owner.clone(),
+            });
+        }
+        // A sane engine asks for one more than it saw. A wild jump (a bug,
+        // or a hostile client) would otherwise lock every later engine out.
+        if g.0 - current.0 > MAX_GENERATION_STEP {
+            return Err(StorageError::Invalid(format!(
+                "generation {g} jumps too far past the replica's {current}"
+            )));
         }
         let mut next = meta.clone();
         next.generation = g.0;
+        next.owner = owner.to_string();
         self.store_meta(&next).await?;
         *meta = next;
         self.generation.store(g.0, Ordering::SeqCst);
-        tracing::info!(volume = %self.name, generation = %g, "generation raised");
+        tracing::info!(volume = %self.name, generation = %g, %owner, "generation claimed");
         Ok(())
     }
 

@@ -7,7 +7,7 @@ use shorthorn_proto::{ErrorCode, Generation, VolumeName};
 
 use super::{assert_matches, fresh_volume, name, open_store, pattern, Model, MIB};
 use crate::storage::meta::{Meta, META_FILE, META_TMP_FILE};
-use crate::storage::{DiskIo, StorageError, BLOCK_SIZE};
+use crate::storage::{open_io, DiskIo, IoEngineChoice, StorageError, Store, BLOCK_SIZE};
 
 for_each_engine!(
     reopen_recovers_data_generation_chain_and_maps,
@@ -39,7 +39,7 @@ async fn reopen_recovers_data_generation_chain_and_maps(io: Arc<dyn DiskIo>) {
             r.snapshot().await.unwrap();
         }
     }
-    r.set_generation(Generation(42)).await.unwrap();
+    r.set_generation(Generation(42), "engine-a").await.unwrap();
     let chain = r.layer_ids();
     let maps = r.layer_maps();
     assert_eq!(chain.len(), 3);
@@ -67,9 +67,12 @@ async fn reopen_recovers_data_generation_chain_and_maps(io: Arc<dyn DiskIo>) {
 async fn generation_is_persisted_and_never_goes_back(io: Arc<dyn DiskIo>) {
     let (dir, store, r) = fresh_volume(&io, MIB).await;
     assert_eq!(r.generation(), Generation(0));
-    r.set_generation(Generation(5)).await.unwrap();
-    r.set_generation(Generation(5)).await.unwrap();
-    let err = r.set_generation(Generation(3)).await.unwrap_err();
+    r.set_generation(Generation(5), "engine-a").await.unwrap();
+    r.set_generation(Generation(5), "engine-a").await.unwrap();
+    let err = r
+        .set_generation(Generation(3), "engine-a")
+        .await
+        .unwrap_err();
     assert!(matches!(
         err,
         StorageError::StaleGeneration {
@@ -86,8 +89,8 @@ async fn generation_is_persisted_and_never_goes_back(io: Arc<dyn DiskIo>) {
     let store = open_store(dir.path(), &io);
     let r = store.get(&name("vol")).unwrap();
     assert_eq!(r.generation(), Generation(5));
-    assert!(r.set_generation(Generation(4)).await.is_err());
-    r.set_generation(Generation(6)).await.unwrap();
+    assert!(r.set_generation(Generation(4), "engine-a").await.is_err());
+    r.set_generation(Generation(6), "engine-a").await.unwrap();
 }
 
 async fn create_is_idempotent_and_refuses_conflicts(io: Arc<dyn DiskIo>) {
@@ -202,7 +205,7 @@ async fn metadata_is_replaced_atomically(io: Arc<dyn DiskIo>) {
         }
     };
     check(0, vec![1]);
-    r.set_generation(Generation(3)).await.unwrap();
+    r.set_generation(Generation(3), "engine-a").await.unwrap();
     check(3, vec![1]);
     let snap = r.snapshot().await.unwrap();
     assert_eq!(snap.0, 1);
@@ -279,7 +282,38 @@ fn handles_and_futures_are_send() {
         send(&r.trim(0, 1));
         send(&r.write_zeroes(0, 1, true));
         send(&r.snapshot());
-        send(&r.set_generation(Generation(1)));
+        send(&r.set_generation(Generation(1), "engine-a"));
     }
     let _ = futures;
+}
+
+#[tokio::test]
+async fn a_generation_is_held_by_the_engine_that_claimed_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), open_io(IoEngineChoice::Sync).unwrap()).unwrap();
+    let name = VolumeName::new("owned").unwrap();
+    let (r, _) = store.create_volume(&name, 1 << 20).await.unwrap();
+    r.set_generation(Generation(1), "engine-a").await.unwrap();
+    // The same engine may reconnect at its generation; another may not.
+    r.set_generation(Generation(1), "engine-a").await.unwrap();
+    let err = r
+        .set_generation(Generation(1), "engine-b")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StorageError::GenerationTaken { .. }), "{err}");
+    assert_eq!(err.code(), shorthorn_proto::ErrorCode::StaleGeneration);
+    // A wild jump would lock every later engine out; it is refused.
+    let err = r
+        .set_generation(Generation(u64::MAX), "engine-b")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StorageError::Invalid(_)), "{err}");
+    r.set_generation(Generation(2), "engine-b").await.unwrap();
+    drop(r);
+    drop(store);
+    let store = Store::open(dir.path(), open_io(IoEngineChoice::Sync).unwrap()).unwrap();
+    let r = store.get(&name).unwrap();
+    assert_eq!(r.generation(), Generation(2));
+    assert!(r.set_generation(Generation(2), "engine-a").await.is_err());
+    r.set_generation(Generation(2), "engine-b").await.unwrap();
 }
