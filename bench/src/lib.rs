@@ -7,6 +7,7 @@
 //! runs two fio jobs at once, and never touches files in its work directory
 //! other than the ones it creates.
 
+mod cpu;
 mod fio;
 mod machine;
 mod procs;

@@ -93,13 +93,13 @@ fn sysfs_disk(dev: &str) -> Vec<String> {
             .filter(|s| !s.is_empty())
     };
     let mut out = Vec::new();
-    let model = [read("device/vendor"), read("device/model")]
-        .into_iter()
-        .flatten()
-        .collect::<Vec<_>>()
-        .join(" ");
-    if !model.is_empty() {
-        out.push(model);
+    // The vendor alone is often a bare PCI id (virtio's is 0x1af4): only
+    // worth showing next to a model name.
+    if let Some(model) = read("device/model") {
+        out.push(match read("device/vendor") {
+            Some(vendor) => format!("{vendor} {model}"),
+            None => model,
+        });
     }
     if let Some(driver) = std::fs::read_link(class.join("device/driver"))
         .ok()
@@ -143,12 +143,6 @@ pub fn tool_version(program: &str) -> Option<String> {
     }
     let text = String::from_utf8_lossy(&o.stdout);
     text.lines().next().map(|l| l.trim().to_string())
-}
-
-/// The 1-minute load average: a sign of other work on the machine.
-pub fn load_average() -> Option<f64> {
-    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
-    text.split_whitespace().next()?.parse().ok()
 }
 
 /// Now, as `2025-11-21 06:40 UTC`.

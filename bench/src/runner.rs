@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
+use crate::cpu::CpuSnapshot;
 use crate::fio::{self, Job, Timing};
 use crate::machine::{self, Machine};
 use crate::procs::{run_to_end, StopFlag};
@@ -20,7 +21,9 @@ struct Outcome {
     table: Table,
     rss: Vec<(String, Option<u64>)>,
     warnings: Vec<String>,
-    load_end: Option<f64>,
+    /// Per measured job, `target workload` and the share of the machine's
+    /// CPU that other processes took while it ran.
+    others_cpu: Vec<(String, f64)>,
 }
 
 pub fn run_blocking(args: &BenchArgs, shorthorn_exe: &Path, stop: &StopFlag) -> anyhow::Result<()> {
@@ -34,7 +37,6 @@ pub fn run_blocking(args: &BenchArgs, shorthorn_exe: &Path, stop: &StopFlag) -> 
     let machine = Machine::probe(&plan.dir);
     let revision = machine::git_revision(source_dir());
     let started = machine::utc_now();
-    let load_start = machine::load_average();
     eprintln!(
         "shorthorn bench: {} workloads × {} targets of {} MiB in {}, ramp {:.1} s + runtime {:.1} s per job",
         plan.workloads.len(),
@@ -59,6 +61,8 @@ pub fn run_blocking(args: &BenchArgs, shorthorn_exe: &Path, stop: &StopFlag) -> 
         "\n{table}\n{}\n\nPeak RSS of each server process:\n\n{rss}",
         report::LEGEND
     );
+    let sharing = others_cpu_summary(&outcome.others_cpu);
+    println!("\n{sharing}");
     for w in &outcome.warnings {
         println!("WARNING: {w}");
     }
@@ -82,13 +86,7 @@ pub fn run_blocking(args: &BenchArgs, shorthorn_exe: &Path, stop: &StopFlag) -> 
             versions,
             args.io_engine,
         );
-        let load = |l: Option<f64>| l.map_or("?".to_string(), |l| format!("{l:.2}"));
-        let _ = writeln!(
-            section,
-            "- 1-minute load average: {} before, {} after (above ~0.5 means other work shared the cores)",
-            load(load_start),
-            load(outcome.load_end)
-        );
+        let _ = writeln!(section, "- {sharing}");
         if let Some(note) = &args.note {
             let _ = writeln!(section, "- note: {note}");
         }
@@ -153,6 +151,7 @@ fn measure(
     };
     let timeout = plan.ramp + plan.runtime + Duration::from_secs(60);
     let mut n = 0;
+    let mut others_cpu = Vec::new();
     for &workload in &plan.workloads {
         for (kind, target) in &lab.targets {
             n += 1;
@@ -164,7 +163,13 @@ fn measure(
                 shape: workload.shape(),
                 timing: Some(timing),
             };
+            let before = CpuSnapshot::take(&lab.server_pids());
             let r = run_fio(&lab, &job, *kind, timeout, stop)?;
+            let after = CpuSnapshot::take(&lab.server_pids());
+            let others = before.zip(after).map(|(b, a)| b.others_share_since(&a));
+            if let Some(share) = others {
+                others_cpu.push((format!("{} {}", kind.name(), workload.name()), share));
+            }
             let Some(figure) = workload.figure(&r) else {
                 bail!(
                     "fio did no {} IO on {}; see its report in {}",
@@ -179,8 +184,11 @@ fn measure(
                 .filter(|_| *kind != TargetKind::Raw)
                 .map(|r| format!(" ({} of raw)", report::format_ratio(r)))
                 .unwrap_or_default();
+            let others = others
+                .map(|s| format!("; others took {:.0}% of the CPU", s * 100.0))
+                .unwrap_or_default();
             eprintln!(
-                "{}{ratio}",
+                "{}{ratio}{others}",
                 report::format_figure(workload.metric(), figure)
             );
         }
@@ -190,14 +198,13 @@ fn measure(
     lab.check_running()?;
     let rss = lab.peak_rss();
     let warnings = lab.warnings();
-    let load_end = machine::load_average();
     eprintln!("stopping the servers...");
     lab.stop();
     Ok(Outcome {
         table,
         rss,
         warnings,
-        load_end,
+        others_cpu,
     })
 }
 
@@ -271,3 +278,24 @@ fn command_line() -> String {
     }
     machine::shell_line(&args)
 }
+
+/// One line on how much other processes disturbed the jobs.
+fn others_cpu_summary(per_job: &[(String, f64)]) -> String {
+    let Some((worst_job, worst)) = per_job.iter().max_by(|a, b| a.1.total_cmp(&b.1)) else {
+        return "CPU taken by other processes during the jobs: not measured".into();
+    };
+    let mean = per_job.iter().map(|(_, s)| s).sum::<f64>() / per_job.len() as f64;
+    let shared = per_job.iter().filter(|(_, s)| *s > SHARED).count();
+    format!(
+        "CPU taken by other processes during the fio jobs: {:.0}% on average, {:.0}% at worst \
+         ({worst_job}); {shared} of {} jobs shared the machine (over {:.0}%)",
+        mean * 100.0,
+        worst * 100.0,
+        per_job.len(),
+        SHARED * 100.0
+    )
+}
+
+/// Above this share of the CPU taken by others, a job did not have the
+/// machine to itself.
+const SHARED: f64 = 0.10;

@@ -279,6 +279,11 @@ impl Lab {
         Ok(())
     }
 
+    /// Process ids of the running servers.
+    pub fn server_pids(&self) -> Vec<u32> {
+        self.servers.iter().map(|s| s.proc.pid()).collect()
+    }
+
     /// Peak RSS (KiB) of every server so far, labelled for the report.
     pub fn peak_rss(&self) -> Vec<(String, Option<u64>)> {
         let kinds: Vec<TargetKind> = self.targets.iter().map(|(k, _)| *k).collect();
