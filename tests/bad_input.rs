@@ -526,15 +526,24 @@ fn replica_daemon_refuses_bad_requests_without_changing_a_byte() {
     }
     assert_replica_serves(&mut r, &vols, "IO before hello");
 
-    // IO on an admin session, and on a look-only (generation 0) session.
+    // IO on an admin session, and changes on a look-only (generation 0)
+    // session; a look-only session may read (checkers compare replicas so).
     for volume in ["", "kept"] {
         let mut w = Wire::session(&addr, volume, 0);
+        let read = Request::Read {
+            offset: 0,
+            len: 4096,
+        };
+        if volume.is_empty() {
+            w.call_refused(9, &read, ErrorCode::NotBound, "read on an admin session");
+        } else {
+            match w.call(9, &read) {
+                Reply::Data(d) => assert_eq!(d.len(), 4096),
+                other => panic!("a look-only read should succeed, got {other:?}"),
+            }
+        }
         for (i, request) in [
             write_req(0, 4096),
-            Request::Read {
-                offset: 0,
-                len: 4096,
-            },
             Request::Trim {
                 offset: 0,
                 len: 4096,

@@ -320,14 +320,16 @@ async fn execute(request: Request, session: &Session, store: &Store) -> Result<R
             Ok(Reply::Volume(volume_info(&replica)))
         }
         io => {
-            let replica = io_replica(session)?;
+            let replica = io_replica(session, matches!(io, Request::Read { .. }))?;
             execute_io(io, replica).await
         }
     }
 }
 
-/// The session's replica, if it may do IO right now.
-fn io_replica(session: &Session) -> Result<&Replica, RemoteError> {
+/// The session's replica, if it may do this IO right now. A look-only
+/// session (generation 0) may read — checkers compare replicas that way
+/// without fencing the engine — but never change a byte.
+fn io_replica(session: &Session, read_only: bool) -> Result<&Replica, RemoteError> {
     let Session::Volume {
         replica,
         generation,
@@ -339,9 +341,12 @@ fn io_replica(session: &Session) -> Result<&Replica, RemoteError> {
         ));
     };
     if generation.0 == 0 {
+        if read_only {
+            return Ok(replica);
+        }
         return Err(RemoteError::new(
             ErrorCode::NotBound,
-            "this session only looks (generation 0); IO needs a generation",
+            "this session only looks (generation 0); changing data needs a generation",
         ));
     }
     let current = replica.generation();
