@@ -110,6 +110,12 @@ impl Replica {
         &self.name
     }
 
+    /// The replica's directory (`DATA/volumes/<name>`), where the daemon
+    /// also keeps the volume's membership and dirty-region files.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Size in bytes; a multiple of 4096.
     pub fn size(&self) -> u64 {
         self.size
