@@ -11,13 +11,15 @@
 pub mod codec;
 pub mod error;
 pub mod frame;
+pub mod membership;
 pub mod message;
 pub mod units;
 
 pub use codec::{FrameReader, FrameWriter};
 pub use error::{ErrorCode, ProtoError, RemoteError};
 pub use frame::{EncodedFrame, RawFrame, FRAME_HEADER_LEN, MAGIC, MAX_BODY_LEN, MAX_IO_LEN};
-pub use message::{Hello, Reply, Request, VolumeInfo, Welcome};
+pub use membership::{Member, MemberState, Membership};
+pub use message::{Hello, Reply, ReplicaState, Request, VolumeInfo, Welcome, MAX_HASHES};
 pub use units::{Generation, NameError, VolumeName};
 
 /// The protocol version this build speaks. Bumped on any incompatible change

@@ -11,6 +11,7 @@ use bytes::{BufMut, Bytes};
 
 use crate::error::{ErrorCode, ProtoError, RemoteError};
 use crate::frame::{put_string, EncodedFrame, FieldReader, FrameBuilder, RawFrame};
+use crate::membership::Membership;
 use crate::units::Generation;
 
 /// Write flag: the data must be on stable storage before the reply.
@@ -62,6 +63,32 @@ pub enum Request {
     DeleteVolume { name: String },
     ListVolumes,
     GetVolume { name: String },
+    /// The bound volume's replica id, membership and dirty regions.
+    GetState,
+    /// Replaces the bound volume's membership (a higher epoch only).
+    SetMembership(Membership),
+    /// Clears these dirty regions (a bitmap, one bit per region): every
+    /// replica acknowledged every write to them.
+    MarkClean { bitmap: Bytes },
+    /// A 64-bit hash of each `chunk` bytes of `[offset, offset+len)`, to
+    /// compare replicas without moving their data.
+    Hashes { offset: u64, len: u64, chunk: u32 },
+}
+
+/// Most hashes one [`Request::Hashes`] may ask for.
+pub const MAX_HASHES: u64 = 65536;
+
+/// What a replica says about its copy of a volume.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplicaState {
+    /// Chosen by the replica when the volume was created on it.
+    pub replica_id: String,
+    pub membership: Membership,
+    /// Bytes per dirty-map region.
+    pub region_size: u64,
+    /// One bit per region, set where writes may not have reached every
+    /// replica yet (or were made while a member was out).
+    pub dirty: Bytes,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -80,6 +107,8 @@ pub enum Reply {
         info: VolumeInfo,
         created: bool,
     },
+    State(ReplicaState),
+    Hashes(Vec<u64>),
     Error(RemoteError),
 }
 
@@ -95,6 +124,10 @@ mod kind {
     pub const DELETE_VOLUME: u8 = 0x21;
     pub const LIST_VOLUMES: u8 = 0x22;
     pub const GET_VOLUME: u8 = 0x23;
+    pub const GET_STATE: u8 = 0x30;
+    pub const SET_MEMBERSHIP: u8 = 0x31;
+    pub const MARK_CLEAN: u8 = 0x32;
+    pub const HASHES: u8 = 0x33;
 
     pub const WELCOME: u8 = 0x81;
     pub const PONG: u8 = 0x82;
@@ -103,6 +136,8 @@ mod kind {
     pub const VOLUMES: u8 = 0x85;
     pub const VOLUME: u8 = 0x86;
     pub const CREATED: u8 = 0x87;
+    pub const STATE: u8 = 0x88;
+    pub const HASH_LIST: u8 = 0x89;
     pub const ERROR: u8 = 0xff;
 }
 
@@ -121,6 +156,10 @@ impl Request {
             Request::DeleteVolume { .. } => "delete_volume",
             Request::ListVolumes => "list_volumes",
             Request::GetVolume { .. } => "get_volume",
+            Request::GetState => "get_state",
+            Request::SetMembership(_) => "set_membership",
+            Request::MarkClean { .. } => "mark_clean",
+            Request::Hashes { .. } => "hashes",
         }
     }
 
@@ -137,6 +176,10 @@ impl Request {
             Request::DeleteVolume { .. } => kind::DELETE_VOLUME,
             Request::ListVolumes => kind::LIST_VOLUMES,
             Request::GetVolume { .. } => kind::GET_VOLUME,
+            Request::GetState => kind::GET_STATE,
+            Request::SetMembership(_) => kind::SET_MEMBERSHIP,
+            Request::MarkClean { .. } => kind::MARK_CLEAN,
+            Request::Hashes { .. } => kind::HASHES,
         };
         let mut f = FrameBuilder::new(k, id);
         let b = f.fields();
@@ -148,7 +191,14 @@ impl Request {
                 put_string(b, &h.volume);
                 b.put_u64_le(h.generation.0);
             }
-            Request::Ping | Request::Flush | Request::ListVolumes => {}
+            Request::Ping | Request::Flush | Request::ListVolumes | Request::GetState => {}
+            Request::SetMembership(m) => m.put(b),
+            Request::MarkClean { bitmap } => payload = Some(bitmap.clone()),
+            Request::Hashes { offset, len, chunk } => {
+                b.put_u64_le(*offset);
+                b.put_u64_le(*len);
+                b.put_u32_le(*chunk);
+            }
             Request::Read { offset, len } => {
                 b.put_u64_le(*offset);
                 b.put_u32_le(*len);
@@ -193,6 +243,26 @@ impl Request {
             kind::PING => empty("ping", body, Request::Ping)?,
             kind::FLUSH => empty("flush", body, Request::Flush)?,
             kind::LIST_VOLUMES => empty("list_volumes", body, Request::ListVolumes)?,
+            kind::GET_STATE => empty("get_state", body, Request::GetState)?,
+            kind::SET_MEMBERSHIP => {
+                let mut r = FieldReader::new("set_membership", body);
+                let m = Membership::get(&mut r)?;
+                r.end()?;
+                Request::SetMembership(m)
+            }
+            kind::MARK_CLEAN => Request::MarkClean {
+                bitmap: body.clone(),
+            },
+            kind::HASHES => {
+                let mut r = FieldReader::new("hashes", body);
+                let req = Request::Hashes {
+                    offset: r.u64()?,
+                    len: r.u64()?,
+                    chunk: r.u32()?,
+                };
+                r.end()?;
+                req
+            }
             kind::READ => {
                 let mut r = FieldReader::new("read", body);
                 let req = Request::Read {
@@ -266,6 +336,8 @@ impl Reply {
             Reply::Volumes(_) => kind::VOLUMES,
             Reply::Volume(_) => kind::VOLUME,
             Reply::Created { .. } => kind::CREATED,
+            Reply::State(_) => kind::STATE,
+            Reply::Hashes(_) => kind::HASH_LIST,
             Reply::Error(_) => kind::ERROR,
         };
         let mut f = FrameBuilder::new(k, id);
@@ -295,6 +367,18 @@ impl Reply {
             Reply::Created { info, created } => {
                 put_volume(b, info);
                 b.put_u8(*created as u8);
+            }
+            Reply::State(st) => {
+                put_string(b, &st.replica_id);
+                st.membership.put(b);
+                b.put_u64_le(st.region_size);
+                payload = Some(st.dirty.clone());
+            }
+            Reply::Hashes(list) => {
+                b.put_u32_le(list.len() as u32);
+                for h in list {
+                    b.put_u64_le(*h);
+                }
             }
             Reply::Error(e) => {
                 b.put_u16_le(e.code.to_u16());
@@ -352,6 +436,31 @@ impl Reply {
                 let created = r.u8()? != 0;
                 r.end()?;
                 Reply::Created { info, created }
+            }
+            kind::STATE => {
+                let mut r = FieldReader::new("state", body);
+                let replica_id = r.string()?;
+                let membership = Membership::get(&mut r)?;
+                let region_size = r.u64()?;
+                Reply::State(ReplicaState {
+                    replica_id,
+                    membership,
+                    region_size,
+                    dirty: r.rest(),
+                })
+            }
+            kind::HASH_LIST => {
+                let mut r = FieldReader::new("hashes", body);
+                let n = r.u32()? as usize;
+                if n > body.len() / 8 {
+                    return Err(ProtoError::malformed("hashes", "count exceeds body"));
+                }
+                let mut list = Vec::with_capacity(n);
+                for _ in 0..n {
+                    list.push(r.u64()?);
+                }
+                r.end()?;
+                Reply::Hashes(list)
             }
             kind::ERROR => {
                 let mut r = FieldReader::new("error", body);
@@ -416,6 +525,30 @@ mod tests {
         }
     }
 
+    fn sample_membership() -> Membership {
+        use crate::membership::{Member, MemberState};
+        Membership {
+            epoch: 12,
+            members: vec![
+                Member {
+                    id: "r-a".into(),
+                    addr: "10.0.0.1:7700".into(),
+                    state: MemberState::Healthy,
+                },
+                Member {
+                    id: "r-b".into(),
+                    addr: "10.0.0.2:7700".into(),
+                    state: MemberState::Out,
+                },
+                Member {
+                    id: "r-c".into(),
+                    addr: "node-c:7700".into(),
+                    state: MemberState::Rebuilding,
+                },
+            ],
+        }
+    }
+
     #[test]
     fn every_request_round_trips() {
         for req in [
@@ -457,6 +590,16 @@ mod tests {
             Request::DeleteVolume { name: "v".into() },
             Request::ListVolumes,
             Request::GetVolume { name: "ü".into() },
+            Request::GetState,
+            Request::SetMembership(sample_membership()),
+            Request::MarkClean {
+                bitmap: Bytes::from_static(&[0b1010_0001, 0, 7]),
+            },
+            Request::Hashes {
+                offset: 1 << 20,
+                len: 4 << 20,
+                chunk: 65536,
+            },
         ] {
             round_trip_request(req);
         }
@@ -485,6 +628,14 @@ mod tests {
                 info: info("d"),
                 created: true,
             },
+            Reply::State(ReplicaState {
+                replica_id: "r-1f2e".into(),
+                membership: sample_membership(),
+                region_size: 4 << 20,
+                dirty: Bytes::from_static(&[1, 2, 3, 0xff]),
+            }),
+            Reply::Hashes(vec![]),
+            Reply::Hashes(vec![1, u64::MAX, 0x0123_4567_89ab_cdef]),
             Reply::Error(RemoteError::new(ErrorCode::StaleGeneration, "older engine")),
             Reply::Error(RemoteError::new(ErrorCode::Other(999), "from the future")),
         ] {
