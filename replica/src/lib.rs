@@ -3,3 +3,4 @@
 
 pub mod server;
 pub mod storage;
+pub mod volume_state;

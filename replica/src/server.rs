@@ -21,6 +21,36 @@ use tokio::sync::{mpsc, Semaphore};
 use tracing::{debug, info, warn, Instrument};
 
 use crate::storage::{Replica, StorageError, Store};
+use crate::volume_state::{VolumeState, REGION_SIZE};
+
+/// The volumes' states (membership, dirty map), opened on first use and
+/// shared by every connection to the same volume.
+#[derive(Default)]
+pub struct States {
+    open: std::sync::Mutex<std::collections::HashMap<VolumeName, Arc<VolumeState>>>,
+}
+
+impl States {
+    fn get(&self, replica: &Replica) -> Result<Arc<VolumeState>, RemoteError> {
+        let mut open = self.open.lock().unwrap();
+        if let Some(s) = open.get(replica.name()) {
+            return Ok(s.clone());
+        }
+        let st = VolumeState::open(replica.dir(), replica.size()).map_err(|e| {
+            RemoteError::new(
+                ErrorCode::Io,
+                format!("volume {}: cannot open its state: {e}", replica.name()),
+            )
+        })?;
+        let st = Arc::new(st);
+        open.insert(replica.name().clone(), st.clone());
+        Ok(st)
+    }
+
+    fn forget(&self, name: &VolumeName) {
+        self.open.lock().unwrap().remove(name);
+    }
+}
 
 /// How the daemon treats its connections.
 #[derive(Clone, Debug)]
@@ -57,6 +87,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let config = Arc::new(config);
+    let states = Arc::new(States::default());
     let slots = Arc::new(Semaphore::new(config.max_connections));
     let conn_ids = AtomicU64::new(1);
     tokio::pin!(shutdown);
@@ -80,9 +111,10 @@ pub async fn serve(
         let conn = conn_ids.fetch_add(1, Ordering::Relaxed);
         let store = store.clone();
         let config = config.clone();
+        let states = states.clone();
         tokio::spawn(
             async move {
-                if let Err(e) = handle_connection(stream, peer, store, config).await {
+                if let Err(e) = handle_connection(stream, peer, store, states, config).await {
                     debug!(error = %e, "connection ended with an error");
                 }
                 drop(permit);
@@ -100,14 +132,25 @@ enum Session {
     /// equals the session's.
     Volume {
         replica: Arc<Replica>,
+        state: Arc<VolumeState>,
         generation: Generation,
     },
+}
+
+impl Session {
+    fn state(&self) -> Option<&Arc<VolumeState>> {
+        match self {
+            Session::Volume { state, .. } => Some(state),
+            Session::Admin => None,
+        }
+    }
 }
 
 async fn handle_connection(
     stream: TcpStream,
     peer: SocketAddr,
     store: Arc<Store>,
+    states: Arc<States>,
     config: Arc<ServerConfig>,
 ) -> Result<(), ProtoError> {
     stream.set_nodelay(true)?;
@@ -130,7 +173,7 @@ async fn handle_connection(
             return Err(e);
         }
     };
-    let (session, welcome) = match handshake(&first, &store, &config).await {
+    let (session, welcome) = match handshake(&first, &store, &states, &config).await {
         Ok(ok) => ok,
         Err(err) => {
             warn!(%peer, error = %err, "handshake refused");
@@ -170,6 +213,28 @@ async fn handle_connection(
                 break Err(e);
             }
         };
+        // Dirty marks and cleans happen here, in the order requests came,
+        // so a clean can never undo the mark of a write sent after it.
+        let ticket = match (&request, session.state()) {
+            (Request::MarkClean { bitmap }, Some(state)) => {
+                let reply = match io_replica(&session, false) {
+                    Ok(_) => {
+                        state.dirty().clear(bitmap);
+                        Reply::Done
+                    }
+                    Err(e) => Reply::Error(e),
+                };
+                if tx.send(reply.encode(frame.id)).await.is_err() {
+                    break Ok(());
+                }
+                continue;
+            }
+            (request, Some(state)) => match write_range(request) {
+                Some((offset, len)) => state.dirty().mark(offset, len),
+                None => None,
+            },
+            _ => None,
+        };
         let permit = in_flight
             .clone()
             .acquire_owned()
@@ -177,10 +242,11 @@ async fn handle_connection(
             .expect("semaphore never closes");
         let tx = tx.clone();
         let store = store.clone();
+        let states = states.clone();
         let session = session.clone();
         let id = frame.id;
         tokio::spawn(async move {
-            let reply = match execute(request, &session, &store).await {
+            let reply = match execute(request, ticket, &session, &store, &states).await {
                 Ok(reply) => reply,
                 Err(err) => Reply::Error(err),
             };
@@ -227,9 +293,21 @@ async fn write_replies<W: tokio::io::AsyncWrite + Unpin>(
     let _ = writer.shutdown().await;
 }
 
+/// The byte range a request may change, if it changes any.
+fn write_range(request: &Request) -> Option<(u64, u64)> {
+    match request {
+        Request::Write { offset, data, .. } => Some((*offset, data.len() as u64)),
+        Request::Trim { offset, len } | Request::WriteZeroes { offset, len, .. } => {
+            Some((*offset, *len))
+        }
+        _ => None,
+    }
+}
+
 async fn handshake(
     frame: &RawFrame,
     store: &Store,
+    states: &States,
     config: &ServerConfig,
 ) -> Result<(Session, Reply), RemoteError> {
     let hello = match Request::decode(frame) {
@@ -275,16 +353,24 @@ async fn handshake(
         info!(volume = %name, %generation, %client, "engine attached");
     }
     let info = volume_info(&replica);
+    let state = states.get(&replica)?;
     Ok((
         Session::Volume {
             replica,
+            state,
             generation,
         },
         welcome(Some(info)),
     ))
 }
 
-async fn execute(request: Request, session: &Session, store: &Store) -> Result<Reply, RemoteError> {
+async fn execute(
+    request: Request,
+    ticket: Option<u64>,
+    session: &Session,
+    store: &Store,
+    states: &States,
+) -> Result<Reply, RemoteError> {
     match request {
         Request::Hello(_) => Err(RemoteError::new(
             ErrorCode::Invalid,
@@ -308,6 +394,7 @@ async fn execute(request: Request, session: &Session, store: &Store) -> Result<R
         Request::DeleteVolume { name } => {
             let name = parse_name(&name)?;
             store.delete_volume(&name).await.map_err(storage_error)?;
+            states.forget(&name);
             info!(volume = %name, "volume deleted");
             Ok(Reply::Done)
         }
@@ -319,11 +406,81 @@ async fn execute(request: Request, session: &Session, store: &Store) -> Result<R
             let replica = store.get(&name).map_err(storage_error)?;
             Ok(Reply::Volume(volume_info(&replica)))
         }
+        Request::GetState => {
+            let (_, state) = volume_of(session)?;
+            Ok(Reply::State(shorthorn_proto::ReplicaState {
+                replica_id: state.replica_id().to_string(),
+                membership: state.membership(),
+                region_size: REGION_SIZE,
+                dirty: state.dirty().to_bytes(),
+            }))
+        }
+        Request::SetMembership(m) => {
+            io_replica(session, false)?;
+            let (replica, state) = volume_of(session)?;
+            let epoch = m.epoch;
+            state
+                .set_membership(m)
+                .await
+                .map_err(|e| RemoteError::new(ErrorCode::Invalid, e))?;
+            info!(volume = %replica.name(), epoch, "membership updated");
+            Ok(Reply::Done)
+        }
+        Request::Hashes { offset, len, chunk } => {
+            let replica = io_replica(session, true)?;
+            hashes(replica, offset, len, chunk).await
+        }
         io => {
             let replica = io_replica(session, matches!(io, Request::Read { .. }))?;
-            execute_io(io, replica).await
+            if let (Some(t), Some(state)) = (ticket, session.state()) {
+                state.dirty().persist(t).await.map_err(|e| {
+                    RemoteError::new(ErrorCode::Io, format!("saving the dirty map: {e}"))
+                })?;
+            }
+            let flush = matches!(io, Request::Flush);
+            let reply = execute_io(io, replica).await?;
+            if let (true, Some(state)) = (flush, session.state()) {
+                let _ = state.dirty().sync_clears().await;
+            }
+            Ok(reply)
         }
     }
+}
+
+fn volume_of(session: &Session) -> Result<(&Replica, &Arc<VolumeState>), RemoteError> {
+    match session {
+        Session::Volume { replica, state, .. } => Ok((replica, state)),
+        Session::Admin => Err(RemoteError::new(
+            ErrorCode::NotBound,
+            "this needs a volume session; say hello with a volume first",
+        )),
+    }
+}
+
+async fn hashes(replica: &Replica, offset: u64, len: u64, chunk: u32) -> Result<Reply, RemoteError> {
+    if chunk == 0 || chunk > MAX_IO_LEN || len.div_ceil(chunk as u64) > shorthorn_proto::MAX_HASHES
+    {
+        return Err(RemoteError::new(
+            ErrorCode::Invalid,
+            format!("cannot hash {len} bytes in chunks of {chunk}"),
+        ));
+    }
+    let end = offset.checked_add(len).filter(|&e| e <= replica.size());
+    let Some(end) = end else {
+        return Err(RemoteError::new(
+            ErrorCode::OutOfRange,
+            format!("[{offset}, +{len}) is past the end ({} bytes)", replica.size()),
+        ));
+    };
+    let mut out = Vec::with_capacity(len.div_ceil(chunk as u64) as usize);
+    let mut at = offset;
+    while at < end {
+        let n = (end - at).min(chunk as u64) as u32;
+        let data = replica.read(at, n).await.map_err(storage_error)?;
+        out.push(xxhash_rust::xxh3::xxh3_64(&data));
+        at += n as u64;
+    }
+    Ok(Reply::Hashes(out))
 }
 
 /// The session's replica, if it may do this IO right now. A look-only
@@ -333,6 +490,7 @@ fn io_replica(session: &Session, read_only: bool) -> Result<&Replica, RemoteErro
     let Session::Volume {
         replica,
         generation,
+        ..
     } = session
     else {
         return Err(RemoteError::new(
