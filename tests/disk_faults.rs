@@ -142,10 +142,11 @@ fn assert_dropped(engine: &Engine, volume: &str, replica: &Replica, reason: &str
         .lines()
         .filter(|l| l.contains(DROPPED) && l.contains(&replica.addr))
         .collect();
-    assert_eq!(
-        lines.len(),
-        1,
-        "the engine should drop replica {} once, naming it:\n{log}",
+    // The first drop is the fault; the engine then retries the replica
+    // with backoff, and a disk that still fails drops it again.
+    assert!(
+        !lines.is_empty(),
+        "the engine should drop replica {}, naming it:\n{log}",
         replica.addr
     );
     let line = lines[0];

@@ -60,16 +60,18 @@ fn an_older_engine_cannot_write_once_a_newer_one_started() {
     assert!(ok, "{out}");
     drop(new);
     for only in [&r1, &r2] {
-        let check = Engine::start(tmp.path(), "fenced", &[only]);
+        let check =
+            Engine::start_with(tmp.path(), "fenced", &[only], &["--allow-missing-replicas"]);
         let (ok, out) = qemu_io(&check.uri(), &["read -P 0x00 1M 64k"]);
         assert!(ok, "replica {} took a superseded write:\n{out}", only.addr);
     }
 }
 
-/// The newer engine reaches only one replica; the older one, still
-/// attached to both, must stop at the first refusal and acknowledge
-/// nothing more. (Making the unreached replica give up those bytes is the
-/// rebuild's job when it rejoins.)
+/// The newer engine is started on one replica only (the operator says the
+/// other is gone); the older one, still attached to both, must stop at the
+/// first refusal and acknowledge nothing more. When the other replica turns
+/// out to be alive, the newer engine rebuilds it, and whatever the old
+/// engine left there is overwritten.
 #[test]
 fn an_older_engine_stops_even_where_the_newer_one_has_not_reached() {
     let tmp = tempfile::tempdir().unwrap();
@@ -79,9 +81,35 @@ fn an_older_engine_stops_even_where_the_newer_one_has_not_reached() {
     let old = Engine::start(tmp.path(), "split", &[&r1, &r2]);
     let (ok, out) = qemu_io(&old.uri(), &["write -P 0x11 0 1M", "flush"]);
     assert!(ok, "{out}");
-    let _new = Engine::start(tmp.path(), "split", &[&r1]);
+    let new = Engine::start_with(tmp.path(), "split", &[&r1], &["--allow-missing-replicas"]);
     for cmd in ["write -P 0x33 1M 64k", "write -P 0x44 2M 64k", "flush"] {
         let (ok, out) = qemu_io(&old.uri(), &[cmd]);
         assert!(!ok, "the superseded engine acknowledged {cmd:?}:\n{out}");
     }
+    // The newer engine finds the other replica (the membership names it)
+    // and rebuilds it; afterwards both hold exactly the newer engine's view.
+    wait_until(
+        "the second replica to be rebuilt",
+        std::time::Duration::from_secs(30),
+        || status_json(tmp.path(), "split")["healthy"].as_u64() == Some(2),
+    );
+    drop(old);
+    let (ok, out) = qemu_io(&new.uri(), &["read -P 0x11 0 1M", "read -P 0x00 1M 64k"]);
+    assert!(ok, "{out}");
+    drop(new);
+    let out = shorthorn(&[
+        "replica",
+        "verify",
+        "split",
+        "--replica",
+        &r1.addr,
+        "--replica",
+        &r2.addr,
+    ]);
+    assert!(
+        out.status.success(),
+        "replicas differ after the rebuild:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -62,7 +62,7 @@ fn run_clean(dir: &Path, name: &str, uri: &str, job: &[String]) -> FioReport {
 /// offsets and block sizes) as reads through an engine on `replica` alone,
 /// and checks every block's header and crc32c.
 fn verify_on_replica_alone(dir: &Path, volume: &str, replica: &Replica, job: &[String]) {
-    let mut engine = Engine::start(dir, volume, &[replica]);
+    let mut engine = Engine::start_alone(dir, volume, replica);
     // verify_only with a backlog verifies only the last backlog batch.
     let mut replay: Vec<String> = job
         .iter()

@@ -39,7 +39,7 @@ fn both_replicas_hold_every_acknowledged_write() {
         .is_some());
 
     for (name, only) in [("first", &r1), ("second", &r2)] {
-        let engine = Engine::start(tmp.path(), "copy", &[only]);
+        let engine = Engine::start_alone(tmp.path(), "copy", only);
         let out = tmp.path().join(format!("only-{name}.img"));
         run(Command::new("nbdcopy").arg(engine.uri()).arg(&out));
         assert!(

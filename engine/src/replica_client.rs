@@ -196,36 +196,30 @@ impl ReplicaClient {
     /// Sends one request and waits for its reply, at most the IO timeout.
     /// A replica's error answer comes back as [`ClientError::Remote`].
     pub async fn call(&self, request: Request) -> Result<Reply, ClientError> {
+        self.start(request).wait().await
+    }
+
+    /// Queues one request now (synchronously: requests started one after
+    /// another go out on the wire in that order) and returns the reply to
+    /// wait for. Ordering matters to the dirty map: a clean queued before a
+    /// write must reach the replica before it.
+    pub fn start(&self, request: Request) -> PendingCall {
         if self.is_closed() {
-            return Err(self.shared.closed_error());
+            return PendingCall::failed(self.shared.closed_error());
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (wtx, wrx) = oneshot::channel();
         self.shared.pending.lock().unwrap().insert(id, wtx);
         // Checked again after registering, so a close racing with this call
         // either drained our waiter or is seen here.
-        if self.is_closed() {
+        if self.is_closed() || self.tx.send(request.encode(id)).is_err() {
             self.shared.pending.lock().unwrap().remove(&id);
-            return Err(self.shared.closed_error());
+            return PendingCall::failed(self.shared.closed_error());
         }
-        if self.tx.send(request.encode(id)).is_err() {
-            self.shared.pending.lock().unwrap().remove(&id);
-            return Err(self.shared.closed_error());
-        }
-        match tokio::time::timeout(self.timeout, wrx).await {
-            Ok(Ok(Ok(Reply::Error(error)))) => Err(ClientError::Remote {
-                addr: self.shared.addr.clone(),
-                error,
-            }),
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(self.shared.closed_error()),
-            Err(_) => {
-                self.shared.pending.lock().unwrap().remove(&id);
-                Err(ClientError::Timeout {
-                    addr: self.shared.addr.clone(),
-                    timeout: self.timeout,
-                })
-            }
+        PendingCall {
+            state: Ok((id, wrx)),
+            shared: self.shared.clone(),
+            timeout: self.timeout,
         }
     }
 
@@ -249,6 +243,61 @@ impl ReplicaClient {
         self.shared.fail_all(reason.to_string());
         for t in &self.tasks {
             t.abort();
+        }
+    }
+}
+
+/// A request on the wire, waiting for its reply.
+pub struct PendingCall {
+    state: Result<(u64, oneshot::Receiver<Result<Reply, ClientError>>), ClientError>,
+    shared: Arc<Shared>,
+    timeout: Duration,
+}
+
+impl PendingCall {
+    fn failed(e: ClientError) -> PendingCall {
+        PendingCall {
+            state: Err(e),
+            shared: Arc::new(Shared {
+                addr: String::new(),
+                pending: Mutex::new(HashMap::new()),
+                closed: Mutex::new(None),
+                is_closed: AtomicBool::new(true),
+            }),
+            timeout: Duration::ZERO,
+        }
+    }
+
+    /// The reply, at most the IO timeout after the request was queued. A
+    /// replica's error answer comes back as [`ClientError::Remote`].
+    pub async fn wait(self) -> Result<Reply, ClientError> {
+        let (id, wrx) = self.state?;
+        match tokio::time::timeout(self.timeout, wrx).await {
+            Ok(Ok(Ok(Reply::Error(error)))) => Err(ClientError::Remote {
+                addr: self.shared.addr.clone(),
+                error,
+            }),
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(self.shared.closed_error()),
+            Err(_) => {
+                self.shared.pending.lock().unwrap().remove(&id);
+                Err(ClientError::Timeout {
+                    addr: self.shared.addr.clone(),
+                    timeout: self.timeout,
+                })
+            }
+        }
+    }
+
+    /// Like [`wait`](Self::wait), expecting [`Reply::Done`].
+    pub async fn done(self) -> Result<(), ClientError> {
+        let addr = self.shared.addr.clone();
+        match self.wait().await? {
+            Reply::Done => Ok(()),
+            other => Err(ClientError::Unexpected {
+                addr,
+                what: format!("{other:?}").chars().take(120).collect(),
+            }),
         }
     }
 }

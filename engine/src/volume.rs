@@ -1,249 +1,110 @@
-//! One volume's replication: every write goes to every healthy replica at
-//! once and succeeds only when each of them has acknowledged it; reads come
-//! from one healthy replica.
+//! One volume's replication: every write goes to every replica that takes
+//! writes (healthy, or being rebuilt) at once, and succeeds only when each
+//! healthy one has acknowledged it; reads come from one healthy replica.
 //!
-//! The healthy set only shrinks here. A replica that errors, disconnects or
-//! misses the IO timeout is dropped at once and never read from again by
-//! this engine (bringing it back needs a rebuild, which this module does not
-//! do). With no healthy replica left, every request fails; none hangs.
+//! A replica that errors, disconnects or misses the IO timeout is marked out
+//! at once, and the new membership (who is healthy) is made durable on the
+//! remaining replicas before the write that found the failure is
+//! acknowledged — so after any crash, the replicas themselves say which of
+//! them hold every acknowledged write. Out replicas are brought back by the
+//! recovery loop ([`crate::recovery`]). With no healthy replica left, every
+//! request fails; none hangs.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use futures::future::join_all;
-use shorthorn_proto::{ErrorCode, Generation, Reply, Request, VolumeName, MAX_IO_LEN};
-use tracing::{error, info, warn};
+use shorthorn_proto::{
+    ErrorCode, Generation, MemberState, Membership, Reply, Request, VolumeName, MAX_IO_LEN,
+};
+use tokio::sync::Notify;
+use tracing::{error, info};
 
+pub use crate::error::{EngineError, VolumeOptions};
 use crate::range_lock::RangeLock;
-use crate::replica_client::{ClientError, ReplicaClient};
-
-#[derive(Debug, thiserror::Error)]
-pub enum EngineError {
-    #[error("volume {volume}: no healthy replica left")]
-    NoHealthyReplica { volume: String },
-    #[error("volume {volume}: no replica could be reached: {reasons}")]
-    NoReplicaReachable { volume: String, reasons: String },
-    #[error("volume {volume}: replicas disagree on the size ({detail})")]
-    SizeMismatch { volume: String, detail: String },
-    #[error("volume {volume}: replica {replica} does not hold this volume ({reason})")]
-    NotOnReplica {
-        volume: String,
-        replica: String,
-        reason: String,
-    },
-    #[error(
-        "volume {volume}: another engine holds it ({reason}); refusing to start a second writer"
-    )]
-    HeldByAnotherEngine { volume: String, reason: String },
-    #[error("volume {volume}: a newer engine has taken it over; this one no longer does IO")]
-    Superseded { volume: String },
-    #[error("volume {volume}: generation counter exhausted on its replicas")]
-    GenerationExhausted { volume: String },
-    #[error("request [{offset}, +{len}) is past the end of the volume ({size} bytes)")]
-    OutOfRange { offset: u64, len: u64, size: u64 },
-}
-
-/// How an engine treats its replicas.
-#[derive(Clone, Debug)]
-pub struct VolumeOptions {
-    /// A replica that does not answer a request within this is dropped.
-    pub io_timeout: Duration,
-    /// This engine's identity: in the replicas' logs, and as the owner of
-    /// the generation it claims. Must be unique per engine start.
-    pub client_id: String,
-}
-
-impl VolumeOptions {
-    /// An identity no other engine start will share: host, pid and a
-    /// random tag.
-    pub fn unique_client_id(volume: &str) -> String {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_string())
-            .unwrap_or_else(|_| "unknown-host".into());
-        let mut tag = [0u8; 8];
-        if getrandom_bytes(&mut tag).is_err() {
-            let t = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default();
-            tag = (t.as_nanos() as u64).to_le_bytes();
-        }
-        format!(
-            "engine {volume} on {host} pid {} #{:016x}",
-            std::process::id(),
-            u64::from_le_bytes(tag)
-        )
-    }
-}
-
-fn getrandom_bytes(buf: &mut [u8]) -> std::io::Result<()> {
-    use std::io::Read;
-    std::fs::File::open("/dev/urandom")?.read_exact(buf)
-}
-
-impl Default for VolumeOptions {
-    fn default() -> Self {
-        VolumeOptions {
-            io_timeout: Duration::from_secs(5),
-            client_id: VolumeOptions::unique_client_id("volume"),
-        }
-    }
-}
-
-struct Slot {
-    addr: String,
-    client: ReplicaClient,
-    healthy: AtomicBool,
-}
+use crate::replica_client::ClientError;
+use crate::slot::Slot;
+use crate::tracker::WriteTracker;
 
 /// What `shorthorn volume status` and logs say about one replica.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ReplicaState {
     pub addr: String,
-    pub healthy: bool,
+    pub id: String,
+    pub state: MemberState,
+    pub rebuild_total: u64,
+    pub rebuild_scanned: u64,
+    pub rebuild_copied: u64,
+    pub rebuild_rate_mib_s: f64,
+    pub last_error: Option<String>,
+}
+
+struct MembershipRecord {
+    epoch: u64,
+    persisted_version: u64,
 }
 
 pub struct Volume {
-    name: VolumeName,
-    size: u64,
-    generation: Generation,
-    slots: Vec<Slot>,
-    /// Replicas named at start that could not be reached then.
-    missing: Vec<String>,
-    writes: RangeLock,
+    pub(crate) name: VolumeName,
+    pub(crate) size: u64,
+    pub(crate) generation: Generation,
+    pub(crate) options: VolumeOptions,
+    pub(crate) slots: ArcSwap<Vec<Arc<Slot>>>,
+    pub(crate) writes: RangeLock,
     /// Set once a replica reported a newer engine's generation: this engine
-    /// has been superseded and must not write anywhere any more, not even to
-    /// replicas the newer engine has not reached yet.
+    /// has been superseded and must not write anywhere any more.
     fenced: AtomicBool,
+    pub(crate) tracker: WriteTracker,
+    /// Writes hold it shared while they queue their requests; a clean holds
+    /// it exclusively while it queues, so no write slips between.
+    pub(crate) gate: std::sync::RwLock<()>,
+    /// Bumped whenever a slot's state or the slot list changes.
+    version: AtomicU64,
+    persisted_version: AtomicU64,
+    membership: tokio::sync::Mutex<MembershipRecord>,
+    /// Wakes the recovery loop (a replica went out, or was added).
+    pub(crate) wake: Notify,
+    pub(crate) stats: RecoveryStats,
+}
+
+/// What recovery did, for logs, status and tests.
+#[derive(Default)]
+pub struct RecoveryStats {
+    pub reconcile_compared: AtomicU64,
+    pub reconcile_copied: AtomicU64,
 }
 
 impl Volume {
-    /// Attaches to the volume's replicas under a new generation, higher than
-    /// any of them has seen, so that no older engine can write any more.
-    ///
-    /// Replicas that cannot be reached are left out (the volume runs
-    /// degraded and says so); at least one must answer.
-    pub async fn open(
+    pub(crate) fn new(
         name: VolumeName,
-        addrs: &[String],
-        options: &VolumeOptions,
-    ) -> Result<Arc<Volume>, EngineError> {
-        let timeout = options.io_timeout;
-        let client = options.client_id.as_str();
-        let mut reasons = Vec::new();
-
-        // Look first (generation 0: no IO, nothing changes on the replica).
-        let looks = join_all(addrs.iter().map(|addr| {
-            ReplicaClient::connect(addr, client, name.as_str(), Generation(0), timeout)
-        }))
-        .await;
-        let mut seen = Vec::new();
-        for (addr, look) in addrs.iter().zip(looks) {
-            match look {
-                Ok(c) => {
-                    let info = c.volume().cloned().expect("volume session has a volume");
-                    c.close("look done");
-                    seen.push((addr.clone(), info));
-                }
-                Err(ClientError::Remote { error, .. }) if error.code == ErrorCode::NotFound => {
-                    // A configuration error, not an outage: starting
-                    // without it would hide the mistake.
-                    return Err(EngineError::NotOnReplica {
-                        volume: name.to_string(),
-                        replica: addr.clone(),
-                        reason: error.message,
-                    });
-                }
-                Err(e) => {
-                    warn!(volume = %name, replica = %addr, error = %e, "replica unreachable; volume starts without it");
-                    reasons.push(e.to_string());
-                }
-            }
-        }
-        let Some((_, first)) = seen.first() else {
-            return Err(EngineError::NoReplicaReachable {
-                volume: name.to_string(),
-                reasons: reasons.join("; "),
-            });
-        };
-        let size = first.size;
-        if seen.iter().any(|(_, v)| v.size != size) {
-            let detail = seen
-                .iter()
-                .map(|(a, v)| format!("{a}: {}", v.size))
-                .collect::<Vec<_>>()
-                .join(", ");
-            return Err(EngineError::SizeMismatch {
-                volume: name.to_string(),
-                detail,
-            });
-        }
-        let generation = seen
-            .iter()
-            .map(|(_, v)| v.generation)
-            .max()
-            .unwrap_or_default()
-            .next()
-            .ok_or_else(|| EngineError::GenerationExhausted {
-                volume: name.to_string(),
-            })?;
-
-        let attached = join_all(seen.iter().map(|(addr, _)| {
-            ReplicaClient::connect(addr, client, name.as_str(), generation, timeout)
-        }))
-        .await;
-        let mut slots = Vec::new();
-        let mut missing: Vec<String> = addrs
-            .iter()
-            .filter(|a| !seen.iter().any(|(s, _)| s == *a))
-            .cloned()
-            .collect();
-        for ((addr, _), result) in seen.iter().zip(attached) {
-            match result {
-                Ok(client) => slots.push(Slot {
-                    addr: addr.clone(),
-                    client,
-                    healthy: AtomicBool::new(true),
-                }),
-                Err(ClientError::Remote { error, .. })
-                    if error.code == ErrorCode::StaleGeneration =>
-                {
-                    // Another engine claimed the volume between our look
-                    // and our attach. Going on with the other replica would
-                    // give two writers; stop, and let the others' claim win.
-                    return Err(EngineError::HeldByAnotherEngine {
-                        volume: name.to_string(),
-                        reason: format!("{addr}: {}", error.message),
-                    });
-                }
-                Err(e) => {
-                    warn!(volume = %name, replica = %addr, error = %e, "replica refused the attach; volume starts without it");
-                    reasons.push(e.to_string());
-                    missing.push(addr.clone());
-                }
-            }
-        }
-        if slots.is_empty() {
-            return Err(EngineError::NoReplicaReachable {
-                volume: name.to_string(),
-                reasons: reasons.join("; "),
-            });
-        }
-        info!(
-            volume = %name, size, %generation,
-            healthy = slots.len(), wanted = addrs.len(),
-            "volume attached"
-        );
-        Ok(Arc::new(Volume {
+        size: u64,
+        generation: Generation,
+        options: VolumeOptions,
+        slots: Vec<Arc<Slot>>,
+        epoch: u64,
+        region_size: u64,
+    ) -> Volume {
+        Volume {
             name,
             size,
             generation,
-            slots,
-            missing,
+            options,
+            slots: ArcSwap::from_pointee(slots),
             writes: RangeLock::new(),
             fenced: AtomicBool::new(false),
-        }))
+            tracker: WriteTracker::new(size, region_size),
+            gate: std::sync::RwLock::new(()),
+            version: AtomicU64::new(1),
+            persisted_version: AtomicU64::new(0),
+            membership: tokio::sync::Mutex::new(MembershipRecord {
+                epoch,
+                persisted_version: 0,
+            }),
+            wake: Notify::new(),
+            stats: RecoveryStats::default(),
+        }
     }
 
     pub fn name(&self) -> &VolumeName {
@@ -258,51 +119,167 @@ impl Volume {
         self.generation
     }
 
+    pub fn stats(&self) -> &RecoveryStats {
+        &self.stats
+    }
+
     pub fn replica_states(&self) -> Vec<ReplicaState> {
-        let mut states: Vec<ReplicaState> = self
-            .slots
+        self.slots
+            .load()
             .iter()
-            .map(|s| ReplicaState {
-                addr: s.addr.clone(),
-                healthy: s.healthy.load(Ordering::Acquire),
+            .map(|s| {
+                let p = &s.progress;
+                let copied = p.copied.load(Ordering::Relaxed);
+                let scanned = p.scanned.load(Ordering::Relaxed);
+                let secs = p
+                    .started
+                    .lock()
+                    .unwrap()
+                    .map(|t| t.elapsed().as_secs_f64())
+                    .unwrap_or(0.0);
+                ReplicaState {
+                    addr: s.addr.clone(),
+                    id: s.id(),
+                    state: s.state(),
+                    rebuild_total: p.total.load(Ordering::Relaxed),
+                    rebuild_scanned: scanned,
+                    rebuild_copied: copied,
+                    rebuild_rate_mib_s: if secs > 0.0 {
+                        scanned as f64 / secs / (1 << 20) as f64
+                    } else {
+                        0.0
+                    },
+                    last_error: p.last.lock().unwrap().clone(),
+                }
             })
-            .collect();
-        states.extend(self.missing.iter().map(|a| ReplicaState {
-            addr: a.clone(),
-            healthy: false,
-        }));
-        states
+            .collect()
     }
 
     pub fn healthy_count(&self) -> usize {
-        self.healthy().count()
+        self.slots
+            .load()
+            .iter()
+            .filter(|s| s.state() == MemberState::Healthy)
+            .count()
     }
 
-    /// True when every healthy replica is known to hold every acknowledged
-    /// write and reads may come from any connection: always, for this
-    /// engine, since all IO of the volume passes through it.
+    /// A flush on any connection covers writes acknowledged on every other:
+    /// all IO of the volume passes through this engine.
     pub fn can_multi_conn(&self) -> bool {
         true
     }
 
-    fn healthy(&self) -> impl Iterator<Item = &Slot> {
-        self.slots
-            .iter()
-            .filter(|s| s.healthy.load(Ordering::Acquire))
+    pub(crate) fn bump_version(&self) {
+        self.version.fetch_add(1, Ordering::AcqRel);
     }
 
-    fn drop_replica(&self, slot: &Slot, why: &ClientError) {
-        if slot.healthy.swap(false, Ordering::AcqRel) {
-            slot.client.close("dropped from the healthy set");
+    /// Handles a replica's failure: a stale-generation answer fences the
+    /// whole engine, anything else marks that replica out.
+    pub(crate) fn fail(&self, slot: &Slot, why: &ClientError) {
+        let stale = why
+            .remote()
+            .is_some_and(|e| e.code == ErrorCode::StaleGeneration);
+        if stale && !self.fenced.swap(true, Ordering::AcqRel) {
+            error!(
+                volume = %self.name, replica = %slot.addr, error = %why, generation = %self.generation,
+                "a newer engine has taken this volume over; this engine stops all IO"
+            );
+            for s in self.slots.load().iter() {
+                if let Some(c) = s.client() {
+                    c.close("superseded by a newer engine");
+                }
+            }
+        }
+        self.mark_out(slot, &why.to_string());
+    }
+
+    pub(crate) fn mark_out(&self, slot: &Slot, why: &str) {
+        let before = slot.set_state(MemberState::Out);
+        *slot.progress.last.lock().unwrap() = Some(why.to_string());
+        if before != MemberState::Out {
+            if let Some(c) = slot.client() {
+                c.close("marked out");
+            }
+            self.bump_version();
             let left = self.healthy_count();
             error!(
                 volume = %self.name, replica = %slot.addr, error = %why, healthy_left = left,
-                "replica dropped from the healthy set; it stays out until rebuilt"
+                was = before.as_str(),
+                "replica dropped from the healthy set; it will be rebuilt when it answers again"
+            );
+            self.wake.notify_one();
+        }
+    }
+
+    pub(crate) fn check_fenced(&self) -> Result<(), EngineError> {
+        if self.fenced.load(Ordering::Acquire) {
+            return Err(EngineError::Superseded {
+                volume: self.name.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    pub(crate) fn no_healthy(&self) -> EngineError {
+        EngineError::NoHealthyReplica {
+            volume: self.name.to_string(),
+        }
+    }
+
+    /// Makes the replicas' membership match the slots, if anything changed
+    /// since it was last written: a higher epoch, written to every replica
+    /// that takes writes. Replicas that fail it are marked out, and it goes
+    /// again; it fails only when no healthy replica took it.
+    pub(crate) async fn ensure_membership(&self) -> Result<(), EngineError> {
+        loop {
+            let wanted = self.version.load(Ordering::Acquire);
+            if self.persisted_version.load(Ordering::Acquire) >= wanted {
+                return Ok(());
+            }
+            let mut rec = self.membership.lock().await;
+            if rec.persisted_version >= wanted {
+                continue;
+            }
+            let slots = self.slots.load_full();
+            let m = Membership {
+                epoch: rec.epoch + 1,
+                members: slots.iter().map(|s| s.member()).collect(),
+            };
+            let targets: Vec<_> = slots
+                .iter()
+                .filter(|s| s.takes_writes())
+                .filter_map(|s| s.client().map(|c| (s.clone(), c)))
+                .collect();
+            let results = join_all(
+                targets
+                    .iter()
+                    .map(|(_, c)| c.start(Request::SetMembership(m.clone())).done()),
+            )
+            .await;
+            let mut healthy_acks = 0;
+            for ((slot, _), r) in targets.iter().zip(results) {
+                match r {
+                    Ok(()) if slot.state() == MemberState::Healthy => healthy_acks += 1,
+                    Ok(()) => {}
+                    Err(e) => self.fail(slot, &e),
+                }
+            }
+            self.check_fenced()?;
+            if healthy_acks == 0 {
+                return Err(self.no_healthy());
+            }
+            rec.epoch = m.epoch;
+            rec.persisted_version = wanted;
+            self.persisted_version.fetch_max(wanted, Ordering::AcqRel);
+            info!(
+                volume = %self.name, epoch = m.epoch,
+                members = %m.members.iter().map(|x| format!("{}={}", x.addr, x.state.as_str())).collect::<Vec<_>>().join(","),
+                "membership saved on the replicas"
             );
         }
     }
 
-    fn check_range(&self, offset: u64, len: u64) -> Result<(), EngineError> {
+    pub(crate) fn check_range(&self, offset: u64, len: u64) -> Result<(), EngineError> {
         match offset.checked_add(len) {
             Some(end) if end <= self.size => Ok(()),
             _ => Err(EngineError::OutOfRange {
@@ -313,61 +290,54 @@ impl Volume {
         }
     }
 
-    fn no_healthy(&self) -> EngineError {
-        EngineError::NoHealthyReplica {
-            volume: self.name.to_string(),
-        }
-    }
-
-    /// Sends `request` to every healthy replica at once. Succeeds when every
-    /// replica still healthy afterwards acknowledged it; those that failed
-    /// are dropped first.
-    async fn fan_out(&self, request: Request) -> Result<(), EngineError> {
+    /// Sends `request` to every replica that takes writes, at once.
+    /// Succeeds when every replica still healthy afterwards acknowledged it;
+    /// those that failed are marked out, durably, first.
+    async fn fan_out(
+        &self,
+        request: Request,
+        range: Option<(u64, u64)>,
+    ) -> Result<(), EngineError> {
         self.check_fenced()?;
-        let targets: Vec<&Slot> = self.healthy().collect();
-        if targets.is_empty() {
-            return Err(self.no_healthy());
+        let slots = self.slots.load();
+        let mut calls = Vec::with_capacity(slots.len());
+        {
+            let _queued_together = self.gate.read().unwrap();
+            if let Some((o, l)) = range {
+                self.tracker.begin(o, l);
+            }
+            for s in slots.iter().filter(|s| s.takes_writes()) {
+                if let Some(c) = s.client() {
+                    calls.push((s.clone(), c.start(request.clone())));
+                }
+            }
         }
-        let results = join_all(targets.iter().map(|s| s.client.call_done(request.clone()))).await;
-        let mut acked = 0;
-        for (slot, result) in targets.iter().zip(results) {
+        let results = join_all(calls.into_iter().map(|(s, call)| async move {
+            let r = call.done().await;
+            (s, r)
+        }))
+        .await;
+        if let Some((o, l)) = range {
+            self.tracker.end(o, l);
+        }
+        let mut healthy_acks = 0;
+        for (slot, result) in &results {
             match result {
-                Ok(()) => acked += 1,
-                Err(e) => self.fail(slot, &e),
+                Ok(()) if slot.state() == MemberState::Healthy => healthy_acks += 1,
+                Ok(()) => {}
+                Err(e) => self.fail(slot, e),
             }
         }
         // A write some replica refused as stale must not be acknowledged,
         // even if another took it: a newer engine owns the volume now.
         self.check_fenced()?;
-        if acked == 0 {
+        if healthy_acks == 0 {
             return Err(self.no_healthy());
         }
-        Ok(())
-    }
-
-    /// Handles a replica's failure: a stale-generation answer fences the
-    /// whole engine, anything else drops that replica.
-    fn fail(&self, slot: &Slot, why: &ClientError) {
-        let stale = why
-            .remote()
-            .is_some_and(|e| e.code == ErrorCode::StaleGeneration);
-        if stale && !self.fenced.swap(true, Ordering::AcqRel) {
-            error!(
-                volume = %self.name, replica = %slot.addr, error = %why, generation = %self.generation,
-                "a newer engine has taken this volume over; this engine stops all IO"
-            );
-            for s in &self.slots {
-                s.client.close("superseded by a newer engine");
-            }
-        }
-        self.drop_replica(slot, why);
-    }
-
-    fn check_fenced(&self) -> Result<(), EngineError> {
-        if self.fenced.load(Ordering::Acquire) {
-            return Err(EngineError::Superseded {
-                volume: self.name.to_string(),
-            });
+        // Whoever was dropped must be known to be out, durably, before this
+        // write is acknowledged without it.
+        if self.version.load(Ordering::Acquire) > self.persisted_version.load(Ordering::Acquire) {
+            self.ensure_membership().await?;
         }
         Ok(())
     }
@@ -377,8 +347,7 @@ impl Volume {
         if len <= MAX_IO_LEN {
             return self.read_chunk(offset, len).await;
         }
-        let chunks = chunks(offset, len as u64);
-        let parts = join_all(chunks.map(|(o, l)| self.read_chunk(o, l))).await;
+        let parts = join_all(chunks(offset, len as u64).map(|(o, l)| self.read_chunk(o, l))).await;
         let mut out = BytesMut::with_capacity(len as usize);
         for part in parts {
             out.extend_from_slice(&part?);
@@ -388,20 +357,23 @@ impl Volume {
 
     async fn read_chunk(&self, offset: u64, len: u32) -> Result<Bytes, EngineError> {
         // The first healthy replica in the order the volume was given (the
-        // local one first, by convention); on failure, drop it and go on.
-        self.check_fenced()?;
-        while let Some(slot) = self.healthy().next() {
-            match slot.client.call(Request::Read { offset, len }).await {
-                Ok(Reply::Data(data)) if data.len() == len as usize => return Ok(data),
-                Ok(other) => {
-                    let e = slot.client.unexpected(&other);
-                    self.drop_replica(slot, &e)
-                }
-                Err(e) => self.fail(slot, &e),
-            }
+        // local one first, by convention); on failure, mark it out, go on.
+        loop {
             self.check_fenced()?;
+            let slots = self.slots.load();
+            let Some((slot, client)) = slots
+                .iter()
+                .filter(|s| s.state() == MemberState::Healthy)
+                .find_map(|s| s.client().map(|c| (s.clone(), c)))
+            else {
+                return Err(self.no_healthy());
+            };
+            match client.call(Request::Read { offset, len }).await {
+                Ok(Reply::Data(data)) if data.len() == len as usize => return Ok(data),
+                Ok(other) => self.mark_out(&slot, &client.unexpected(&other).to_string()),
+                Err(e) => self.fail(&slot, &e),
+            }
         }
-        Err(self.no_healthy())
     }
 
     pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), EngineError> {
@@ -409,41 +381,50 @@ impl Volume {
         self.check_range(offset, len)?;
         let _guard = self.writes.lock(offset, offset + len).await;
         if len <= MAX_IO_LEN as u64 {
-            return self.fan_out(Request::Write { offset, fua, data }).await;
+            return self
+                .fan_out(Request::Write { offset, fua, data }, Some((offset, len)))
+                .await;
         }
         let results = join_all(chunks(offset, len).map(|(o, l)| {
             let start = (o - offset) as usize;
             let part = data.slice(start..start + l as usize);
-            self.fan_out(Request::Write {
-                offset: o,
-                fua,
-                data: part,
-            })
+            self.fan_out(
+                Request::Write {
+                    offset: o,
+                    fua,
+                    data: part,
+                },
+                Some((o, l as u64)),
+            )
         }))
         .await;
         results.into_iter().collect()
     }
 
     pub async fn flush(&self) -> Result<(), EngineError> {
-        self.fan_out(Request::Flush).await
+        self.fan_out(Request::Flush, None).await
     }
 
     pub async fn trim(&self, offset: u64, len: u64) -> Result<(), EngineError> {
         self.check_range(offset, len)?;
         let _guard = self.writes.lock(offset, offset + len).await;
-        self.fan_out(Request::Trim { offset, len }).await
+        self.fan_out(Request::Trim { offset, len }, Some((offset, len)))
+            .await
     }
 
     pub async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), EngineError> {
         self.check_range(offset, len)?;
         let _guard = self.writes.lock(offset, offset + len).await;
-        self.fan_out(Request::WriteZeroes { offset, len, fua })
-            .await
+        self.fan_out(
+            Request::WriteZeroes { offset, len, fua },
+            Some((offset, len)),
+        )
+        .await
     }
 }
 
 /// Cuts `[offset, offset+len)` into pieces the replica protocol carries.
-fn chunks(offset: u64, len: u64) -> impl Iterator<Item = (u64, u32)> {
+pub(crate) fn chunks(offset: u64, len: u64) -> impl Iterator<Item = (u64, u32)> {
     let step = MAX_IO_LEN as u64;
     (0..len.div_ceil(step)).map(move |i| {
         let o = offset + i * step;

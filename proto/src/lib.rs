@@ -19,7 +19,7 @@ pub use codec::{FrameReader, FrameWriter};
 pub use error::{ErrorCode, ProtoError, RemoteError};
 pub use frame::{EncodedFrame, RawFrame, FRAME_HEADER_LEN, MAGIC, MAX_BODY_LEN, MAX_IO_LEN};
 pub use membership::{Member, MemberState, Membership};
-pub use message::{Hello, Reply, ReplicaState, Request, VolumeInfo, Welcome, MAX_HASHES};
+pub use message::{Hello, ReplicaState, Reply, Request, VolumeInfo, Welcome, MAX_HASHES};
 pub use units::{Generation, NameError, VolumeName};
 
 /// The protocol version this build speaks. Bumped on any incompatible change

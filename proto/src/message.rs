@@ -54,25 +54,52 @@ pub struct Welcome {
 pub enum Request {
     Hello(Hello),
     Ping,
-    Read { offset: u64, len: u32 },
-    Write { offset: u64, fua: bool, data: Bytes },
+    Read {
+        offset: u64,
+        len: u32,
+    },
+    Write {
+        offset: u64,
+        fua: bool,
+        data: Bytes,
+    },
     Flush,
-    Trim { offset: u64, len: u64 },
-    WriteZeroes { offset: u64, len: u64, fua: bool },
-    CreateVolume { name: String, size: u64 },
-    DeleteVolume { name: String },
+    Trim {
+        offset: u64,
+        len: u64,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u64,
+        fua: bool,
+    },
+    CreateVolume {
+        name: String,
+        size: u64,
+    },
+    DeleteVolume {
+        name: String,
+    },
     ListVolumes,
-    GetVolume { name: String },
+    GetVolume {
+        name: String,
+    },
     /// The bound volume's replica id, membership and dirty regions.
     GetState,
     /// Replaces the bound volume's membership (a higher epoch only).
     SetMembership(Membership),
     /// Clears these dirty regions (a bitmap, one bit per region): every
     /// replica acknowledged every write to them.
-    MarkClean { bitmap: Bytes },
+    MarkClean {
+        bitmap: Bytes,
+    },
     /// A 64-bit hash of each `chunk` bytes of `[offset, offset+len)`, to
     /// compare replicas without moving their data.
-    Hashes { offset: u64, len: u64, chunk: u32 },
+    Hashes {
+        offset: u64,
+        len: u64,
+        chunk: u32,
+    },
 }
 
 /// Most hashes one [`Request::Hashes`] may ask for.

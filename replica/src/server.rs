@@ -457,7 +457,12 @@ fn volume_of(session: &Session) -> Result<(&Replica, &Arc<VolumeState>), RemoteE
     }
 }
 
-async fn hashes(replica: &Replica, offset: u64, len: u64, chunk: u32) -> Result<Reply, RemoteError> {
+async fn hashes(
+    replica: &Replica,
+    offset: u64,
+    len: u64,
+    chunk: u32,
+) -> Result<Reply, RemoteError> {
     if chunk == 0 || chunk > MAX_IO_LEN || len.div_ceil(chunk as u64) > shorthorn_proto::MAX_HASHES
     {
         return Err(RemoteError::new(
@@ -469,7 +474,10 @@ async fn hashes(replica: &Replica, offset: u64, len: u64, chunk: u32) -> Result<
     let Some(end) = end else {
         return Err(RemoteError::new(
             ErrorCode::OutOfRange,
-            format!("[{offset}, +{len}) is past the end ({} bytes)", replica.size()),
+            format!(
+                "[{offset}, +{len}) is past the end ({} bytes)",
+                replica.size()
+            ),
         ));
     };
     let mut out = Vec::with_capacity(len.div_ceil(chunk as u64) as usize);

@@ -376,9 +376,16 @@ mod tests {
         let st = VolumeState::open(dir.path(), size).unwrap();
         let id = st.replica_id().to_string();
         assert_eq!(st.dirty().regions(), 65);
-        let t = st.dirty().mark(REGION_SIZE - 1, 2).expect("new regions need a persist");
+        let t = st
+            .dirty()
+            .mark(REGION_SIZE - 1, 2)
+            .expect("new regions need a persist");
         st.dirty().persist(t).await.unwrap();
-        assert_eq!(st.dirty().mark(REGION_SIZE, 10), None, "already dirty and durable");
+        assert_eq!(
+            st.dirty().mark(REGION_SIZE, 10),
+            None,
+            "already dirty and durable"
+        );
         if let Some(t) = st.dirty().mark(64 * REGION_SIZE, 4096) {
             st.dirty().persist(t).await.unwrap();
         }

@@ -172,6 +172,8 @@ async fn start_and_serve(
         args.name.to_string(),
         "--nbd".into(),
         nbd_arg(&nbd),
+        "--run-dir".into(),
+        data_dir.display().to_string(),
     ];
     for r in &replicas {
         engine_args.push("--replica".into());
@@ -275,11 +277,14 @@ fn print_welcome(args: &DevArgs, nbd: &NbdListen, replicas: &[String], logs: &Pa
          \x20 LOOP=$(losetup --find --show --direct-io=on /tmp/sh-fuse/{name})\n\
          \x20 mkfs.ext4 $LOOP && mount $LOOP /mnt/shorthorn\n\
          \x20 # ...and to undo: umount /mnt/shorthorn; losetup -d $LOOP; fusermount3 -u /tmp/sh-fuse\n\
+         \n  # 4. the replicas' state, and rebuild progress after a failure\n\
+         \x20 shorthorn volume status {name} --run-dir {run_dir}\n\
          \nPress Ctrl-C to stop every process this started.",
         name = args.name,
         size = human(args.size),
         n = replicas.len(),
         replicas = replicas.join(" and "),
         logs = logs.display(),
+        run_dir = logs.parent().map(|p| p.display().to_string()).unwrap_or_default(),
     );
 }

@@ -1,5 +1,6 @@
 //! `shorthorn engine ...`: one volume's engine.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,6 +35,15 @@ pub struct ServeArgs {
     /// Most NBD client connections at once.
     #[arg(long, default_value_t = 16)]
     pub max_connections: usize,
+    /// Directory for the engine's control socket (NAME.ctl), which
+    /// `shorthorn volume status|add-replica|remove-replica` talk to.
+    #[arg(long, default_value = super::DEFAULT_RUN_DIR)]
+    pub run_dir: PathBuf,
+    /// Start even though replicas the volume lists as up to date cannot be
+    /// reached. Only when they are gone for good: writes only they hold
+    /// would be lost.
+    #[arg(long)]
+    pub allow_missing_replicas: bool,
 }
 
 pub async fn run(command: EngineCommand) -> anyhow::Result<()> {
@@ -51,6 +61,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let options = VolumeOptions {
         io_timeout: Duration::from_millis(args.io_timeout_ms),
         client_id: VolumeOptions::unique_client_id(args.name.as_str()),
+        allow_missing_replicas: args.allow_missing_replicas,
     };
     let volume = Volume::open(args.name.clone(), &args.replicas, &options)
         .await
@@ -68,10 +79,30 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_connections: args.max_connections,
     };
     let backend = Arc::new(VolumeBackend::new(volume.clone()));
+    let control_path = args.run_dir.join(format!("{}.ctl", args.name));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let control = tokio::spawn(shorthorn_engine::control::serve(
+        control_path.clone(),
+        volume.clone(),
+        stopped(stop_rx.clone()),
+    ));
+    tokio::spawn(async move {
+        super::shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    info!(volume = %args.name, control = %control_path.display(), "control socket ready");
     server
-        .run(config, backend, super::shutdown_signal())
+        .run(config, backend, stopped(stop_rx))
         .await
         .context("serving NBD")?;
+    match control.await {
+        Ok(Err(e)) => error!(error = %e, "control socket failed"),
+        Err(e) => error!(error = %e, "control socket task failed"),
+        Ok(Ok(())) => {}
+    }
     info!(volume = %args.name, "stopping: flushing the volume");
     if let Err(e) = volume.flush().await {
         error!(volume = %args.name, error = %e, "final flush failed");

@@ -4,8 +4,10 @@
 
 pub mod dev;
 pub mod engine;
+pub mod engine_ctl;
 pub mod replica;
 pub mod size;
+pub mod verify;
 pub mod volume;
 
 use std::time::Duration;
@@ -14,6 +16,9 @@ use anyhow::{bail, Context};
 use shorthorn_engine::ReplicaClient;
 use shorthorn_proto::{Generation, Reply, Request};
 use tracing_subscriber::EnvFilter;
+
+/// Where engines put their control sockets unless told otherwise.
+pub const DEFAULT_RUN_DIR: &str = "/run/shorthorn";
 
 pub fn init_logging(filter: &str) {
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|e| {

@@ -16,6 +16,9 @@ use tracing::{info, warn};
 pub enum ReplicaCommand {
     /// Serve every replica kept in a data directory (one daemon per node).
     Serve(ServeArgs),
+    /// Compare a volume's replicas byte for byte, read-only (exit 0 when
+    /// identical, 1 when they differ, 2 when they cannot be compared).
+    Verify(super::verify::VerifyArgs),
 }
 
 #[derive(Args)]
@@ -45,6 +48,7 @@ const FAULT_POLL: Duration = Duration::from_millis(50);
 pub async fn run(command: ReplicaCommand) -> anyhow::Result<()> {
     match command {
         ReplicaCommand::Serve(args) => serve_replicas(args).await,
+        ReplicaCommand::Verify(args) => super::verify::run(args).await,
     }
 }
 

@@ -18,6 +18,13 @@ pub enum VolumeCommand {
     List(ListArgs),
     /// Delete a volume's replica from each named replica daemon.
     Delete(DeleteArgs),
+    /// Show a running volume's replicas: state, and rebuild progress.
+    Status(super::engine_ctl::StatusArgs),
+    /// Add a replica on another daemon to a running volume; it is rebuilt
+    /// while the volume serves.
+    AddReplica(super::engine_ctl::ReplicaChangeArgs),
+    /// Remove a replica from a running volume.
+    RemoveReplica(super::engine_ctl::ReplicaChangeArgs),
 }
 
 #[derive(Args)]
@@ -65,6 +72,9 @@ pub async fn run(command: VolumeCommand) -> anyhow::Result<()> {
             )
             .await
         }
+        VolumeCommand::Status(a) => super::engine_ctl::status(a).await,
+        VolumeCommand::AddReplica(a) => super::engine_ctl::add_replica(a).await,
+        VolumeCommand::RemoveReplica(a) => super::engine_ctl::remove_replica(a).await,
         VolumeCommand::List(a) => list(&a.replicas, Duration::from_millis(a.timeout_ms)).await,
         VolumeCommand::Delete(a) => {
             let timeout = Duration::from_millis(a.timeout_ms);

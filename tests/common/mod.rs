@@ -190,6 +190,22 @@ pub fn create_volume(name: &str, size: &str, replicas: &[&Replica]) {
     );
 }
 
+/// The engine's `volume status --json` answer (its run dir is `dir`).
+pub fn status_json(dir: &Path, volume: &str) -> serde_json::Value {
+    let out = shorthorn(&[
+        "volume",
+        "status",
+        volume,
+        "--json",
+        "--run-dir",
+        dir.to_str().unwrap(),
+    ]);
+    if !out.status.success() {
+        return serde_json::Value::Null;
+    }
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
+
 /// An engine process serving one volume on a unix socket.
 pub struct Engine {
     pub proc: Proc,
@@ -206,7 +222,9 @@ impl Engine {
         let socket = dir.join(format!("{volume}-{stamp}.sock"));
         let mut cmd = Command::new(BIN);
         cmd.args(["engine", "serve", volume, "--nbd"])
-            .arg(format!("unix:{}", socket.display()));
+            .arg(format!("unix:{}", socket.display()))
+            .arg("--run-dir")
+            .arg(dir);
         for r in replicas {
             cmd.args(["--replica", &r.addr]);
         }
@@ -226,6 +244,13 @@ impl Engine {
             std::thread::sleep(Duration::from_millis(20));
         }
         Engine { proc, socket }
+    }
+
+    /// An engine on one replica of a volume that has more, telling it the
+    /// others are gone (`--allow-missing-replicas`): the operator's
+    /// override, used by tests that look at each replica on its own.
+    pub fn start_alone(dir: &Path, volume: &str, replica: &Replica) -> Engine {
+        Self::start_with(dir, volume, &[replica], &["--allow-missing-replicas"])
     }
 
     pub fn uri(&self) -> String {
@@ -606,3 +631,5 @@ pub fn sigterm_and_wait(proc: &mut Proc, timeout: Duration) -> std::process::Exi
         )
     })
 }
+
+pub mod netns;

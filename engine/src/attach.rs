@@ -1,0 +1,296 @@
+//! Starting an engine: finding out, from the replicas alone, which of them
+//! hold every acknowledged write; claiming the volume under a new
+//! generation; and making the up-to-date replicas identical again after a
+//! crash, before the first client request is served.
+//!
+//! The rule for starting: the replica with the highest membership epoch
+//! says who is healthy. Every replica it lists as healthy must be reachable
+//! (and at that epoch), or the engine refuses to start — one of them might
+//! hold writes the others miss — unless the operator says they are gone for
+//! good (`--allow-missing-replicas`). Everything else becomes "out" and is
+//! rebuilt in the background once the volume serves.
+
+use std::sync::Arc;
+
+use futures::future::join_all;
+use shorthorn_proto::{
+    ErrorCode, Generation, MemberState, Membership, ReplicaState as WireState, Reply, Request,
+    VolumeInfo, VolumeName,
+};
+use tracing::{info, warn};
+
+use crate::error::{EngineError, VolumeOptions};
+use crate::replica_client::{ClientError, ReplicaClient};
+use crate::slot::Slot;
+use crate::tracker::union;
+use crate::volume::Volume;
+
+/// Dirty-region size the engine works in; replicas must agree.
+pub const REGION_SIZE: u64 = 2 << 20;
+
+struct Seen {
+    addr: String,
+    info: VolumeInfo,
+    state: WireState,
+}
+
+impl Volume {
+    /// Attaches to the volume's replicas (as listed by the operator) and
+    /// returns it ready to serve, with the recovery loop running.
+    pub async fn open(
+        name: VolumeName,
+        addrs: &[String],
+        options: &VolumeOptions,
+    ) -> Result<Arc<Volume>, EngineError> {
+        let timeout = options.io_timeout;
+        let client = options.client_id.as_str();
+        let vol = name.to_string();
+
+        // 1. Look (generation 0: nothing changes on the replicas).
+        let looks = join_all(addrs.iter().map(|addr| look(addr, client, &vol, timeout))).await;
+        let mut seen = Vec::new();
+        let mut unreachable = Vec::new();
+        for (addr, look) in addrs.iter().zip(looks) {
+            match look {
+                Ok(s) => seen.push(s),
+                Err(ClientError::Remote { error, .. }) if error.code == ErrorCode::NotFound => {
+                    return Err(EngineError::NotOnReplica {
+                        volume: vol,
+                        replica: addr.clone(),
+                        reason: error.message,
+                    });
+                }
+                Err(e) => {
+                    warn!(volume = %name, replica = %addr, error = %e, "replica unreachable");
+                    unreachable.push((addr.clone(), e.to_string()));
+                }
+            }
+        }
+        if seen.is_empty() {
+            return Err(EngineError::NoReplicaReachable {
+                volume: vol,
+                reasons: unreachable
+                    .iter()
+                    .map(|(a, e)| format!("{a}: {e}"))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            });
+        }
+        let size = seen[0].info.size;
+        if seen.iter().any(|s| s.info.size != size) {
+            let detail = seen
+                .iter()
+                .map(|s| format!("{}: {}", s.addr, s.info.size))
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(EngineError::SizeMismatch {
+                volume: vol,
+                detail,
+            });
+        }
+        if let Some(s) = seen.iter().find(|s| s.state.region_size != REGION_SIZE) {
+            return Err(EngineError::Unsafe {
+                volume: vol,
+                detail: format!(
+                    "replica {} tracks {}-byte regions, this engine {REGION_SIZE}",
+                    s.addr, s.state.region_size
+                ),
+            });
+        }
+
+        // 2. Decide who is up to date.
+        let (slots, epoch, healthy) = plan(&name, &seen, &unreachable, options)?;
+
+        // 3. Claim the volume on everyone reachable.
+        let generation = seen
+            .iter()
+            .map(|s| s.info.generation)
+            .max()
+            .unwrap_or_default()
+            .next()
+            .ok_or_else(|| EngineError::GenerationExhausted {
+                volume: vol.clone(),
+            })?;
+        let attached = join_all(
+            seen.iter()
+                .map(|s| ReplicaClient::connect(&s.addr, client, &vol, generation, timeout)),
+        )
+        .await;
+        for (s, result) in seen.iter().zip(attached) {
+            let slot = slots.iter().find(|x| x.addr == s.addr).expect("planned");
+            match result {
+                Ok(c) => slot.set_client(Some(Arc::new(c))),
+                Err(ClientError::Remote { error, .. })
+                    if error.code == ErrorCode::StaleGeneration =>
+                {
+                    // Another engine claimed the volume between our look
+                    // and our attach: let its claim win.
+                    return Err(EngineError::HeldByAnotherEngine {
+                        volume: vol,
+                        reason: format!("{}: {}", s.addr, error.message),
+                    });
+                }
+                Err(e) if slot.state() == MemberState::Healthy => {
+                    return Err(EngineError::Unsafe {
+                        volume: vol,
+                        detail: format!("up-to-date replica {} failed to attach: {e}", s.addr),
+                    });
+                }
+                Err(e) => {
+                    warn!(volume = %name, replica = %s.addr, error = %e, "replica failed to attach; it stays out");
+                    *slot.progress.last.lock().unwrap() = Some(e.to_string());
+                }
+            }
+        }
+
+        let volume = Arc::new(Volume::new(
+            name.clone(),
+            size,
+            generation,
+            options.clone(),
+            slots,
+            epoch,
+            REGION_SIZE,
+        ));
+        volume.ensure_membership().await?;
+
+        // 4. Make the up-to-date replicas identical where writes may have
+        // been in flight when the last engine stopped.
+        let dirty = healthy
+            .iter()
+            .filter_map(|id| seen.iter().find(|s| &s.state.replica_id == id))
+            .fold(Vec::new(), |acc, s| union(&acc, &s.state.dirty));
+        volume.reconcile(&dirty).await?;
+
+        info!(
+            volume = %name, size, %generation,
+            healthy = volume.healthy_count(), replicas = volume.slots.load().len(),
+            "volume attached"
+        );
+        volume.clone().spawn_recovery();
+        Ok(volume)
+    }
+}
+
+async fn look(
+    addr: &str,
+    client: &str,
+    volume: &str,
+    timeout: std::time::Duration,
+) -> Result<Seen, ClientError> {
+    let c = ReplicaClient::connect(addr, client, volume, Generation(0), timeout).await?;
+    let info = c.volume().cloned().expect("volume session has a volume");
+    let reply = c.call(Request::GetState).await;
+    c.close("look done");
+    match reply? {
+        Reply::State(state) => Ok(Seen {
+            addr: addr.to_string(),
+            info,
+            state,
+        }),
+        other => Err(c.unexpected(&other)),
+    }
+}
+
+/// The slots, the membership epoch to build on, and the ids of the healthy
+/// replicas.
+type Plan = (Vec<Arc<Slot>>, u64, Vec<String>);
+
+/// Turns what the replicas say into slots: healthy (up to date), or out
+/// (to be rebuilt).
+fn plan(
+    name: &VolumeName,
+    seen: &[Seen],
+    unreachable: &[(String, String)],
+    options: &VolumeOptions,
+) -> Result<Plan, EngineError> {
+    let vol = name.to_string();
+    let newest = seen
+        .iter()
+        .max_by_key(|s| s.state.membership.epoch)
+        .expect("at least one seen");
+    let auth: &Membership = &newest.state.membership;
+    let mut slots: Vec<Arc<Slot>> = Vec::new();
+    let mut healthy = Vec::new();
+
+    if auth.epoch == 0 {
+        // Never attached before: every replica is as empty as the others.
+        for s in seen {
+            slots.push(Arc::new(Slot::new(
+                &s.addr,
+                &s.state.replica_id,
+                MemberState::Healthy,
+            )));
+            healthy.push(s.state.replica_id.clone());
+        }
+        for (addr, _) in unreachable {
+            slots.push(Arc::new(Slot::new(addr, "", MemberState::Out)));
+        }
+        return Ok((slots, 0, healthy));
+    }
+
+    let mut missing = Vec::new();
+    for m in &auth.members {
+        let here = seen.iter().find(|s| s.state.replica_id == m.id);
+        match (m.state, here) {
+            (MemberState::Healthy, Some(s)) if s.state.membership.epoch == auth.epoch => {
+                slots.push(Arc::new(Slot::new(&s.addr, &m.id, MemberState::Healthy)));
+                healthy.push(m.id.clone());
+            }
+            (MemberState::Healthy, None) => {
+                missing.push(m.addr.clone());
+                slots.push(Arc::new(Slot::new(&m.addr, &m.id, MemberState::Out)));
+            }
+            (_, Some(s)) => {
+                // Out, being rebuilt, or behind on membership: rebuilt later.
+                slots.push(Arc::new(Slot::new(&s.addr, &m.id, MemberState::Out)));
+                if m.state == MemberState::Rebuilding {
+                    // An interrupted rebuild may not hold the base data:
+                    // it restarts as a full one.
+                    slots.last().unwrap().set_id("");
+                }
+            }
+            (_, None) => {
+                slots.push(Arc::new(Slot::new(&m.addr, &m.id, MemberState::Out)));
+            }
+        }
+    }
+    // Replicas the operator named that the volume does not list: new
+    // members, filled by a full rebuild.
+    for s in seen {
+        if auth.member(&s.state.replica_id).is_none() {
+            slots.push(Arc::new(Slot::new(&s.addr, "", MemberState::Out)));
+        }
+    }
+    if !missing.is_empty() {
+        if !options.allow_missing_replicas {
+            return Err(EngineError::Unsafe {
+                volume: vol,
+                detail: format!(
+                    "replica(s) {} hold every acknowledged write (membership epoch {}) but cannot be \
+                     reached; starting without them could lose writes only they have. Bring them \
+                     back, or pass --allow-missing-replicas if they are gone for good",
+                    missing.join(", "),
+                    auth.epoch
+                ),
+            });
+        }
+        warn!(volume = %name, missing = %missing.join(", "), "starting without up-to-date replicas, as asked");
+    }
+    if healthy.is_empty() {
+        return Err(EngineError::Unsafe {
+            volume: vol,
+            detail: format!(
+                "no reachable replica is up to date (membership epoch {}); the up-to-date ones are {}",
+                auth.epoch,
+                auth.members
+                    .iter()
+                    .filter(|m| m.state == MemberState::Healthy)
+                    .map(|m| m.addr.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        });
+    }
+    Ok((slots, auth.epoch, healthy))
+}

@@ -1,0 +1,133 @@
+//! The engine's control socket: how `shorthorn volume status`,
+//! `add-replica` and `remove-replica` reach a running engine.
+//!
+//! A unix socket next to the engine (only local users with access to the
+//! run directory can use it). One JSON request per connection, one JSON
+//! line back: `{"op":"status"}`, `{"op":"add-replica","addr":"H:P"}`,
+//! `{"op":"remove-replica","addr":"H:P"}`.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixListener;
+use tracing::{debug, warn};
+
+use crate::volume::Volume;
+
+/// Serves the control socket at `path` until `shutdown` resolves; removes
+/// the socket file afterwards.
+pub async fn serve(
+    path: PathBuf,
+    volume: Arc<Volume>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path)?;
+    let _cleanup = RemoveOnDrop(path.clone());
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => { warn!(error = %e, "control socket accept failed"); continue; }
+            },
+        };
+        let volume = volume.clone();
+        tokio::spawn(async move {
+            let (rd, mut wr) = stream.into_split();
+            let mut line = String::new();
+            let mut rd = BufReader::new(rd.take(64 * 1024));
+            if rd.read_line(&mut line).await.is_err() {
+                return;
+            }
+            let answer = match serde_json::from_str::<Value>(&line) {
+                Ok(req) => handle(&volume, &req).await,
+                Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
+            };
+            let mut out = answer.to_string();
+            out.push('\n');
+            if let Err(e) = wr.write_all(out.as_bytes()).await {
+                debug!(error = %e, "control client went away");
+            }
+        });
+    }
+}
+
+use tokio::io::AsyncReadExt;
+
+async fn handle(volume: &Arc<Volume>, req: &Value) -> Value {
+    let addr = req.get("addr").and_then(Value::as_str).unwrap_or("");
+    match req.get("op").and_then(Value::as_str) {
+        Some("status") => status(volume),
+        Some("add-replica") if !addr.is_empty() => match volume.add_replica(addr).await {
+            Ok(()) => json!({"ok": true}),
+            Err(e) => json!({"ok": false, "error": e.to_string()}),
+        },
+        Some("remove-replica") if !addr.is_empty() => match volume.remove_replica(addr).await {
+            Ok(()) => json!({"ok": true}),
+            Err(e) => json!({"ok": false, "error": e.to_string()}),
+        },
+        _ => {
+            json!({"ok": false, "error": "unknown request; ops are status, add-replica, remove-replica"})
+        }
+    }
+}
+
+pub fn status(volume: &Volume) -> Value {
+    let replicas: Vec<Value> = volume
+        .replica_states()
+        .into_iter()
+        .map(|r| {
+            json!({
+                "addr": r.addr,
+                "id": r.id,
+                "state": r.state.as_str(),
+                "rebuild": {
+                    "bytes_total": r.rebuild_total,
+                    "bytes_scanned": r.rebuild_scanned,
+                    "bytes_copied": r.rebuild_copied,
+                    "mib_per_s": (r.rebuild_rate_mib_s * 10.0).round() / 10.0,
+                },
+                "last_error": r.last_error,
+            })
+        })
+        .collect();
+    json!({
+        "ok": true,
+        "volume": volume.name().as_str(),
+        "size": volume.size(),
+        "generation": volume.generation().0,
+        "healthy": volume.healthy_count(),
+        "replicas": replicas,
+        "reconcile": {
+            "bytes_compared": volume.stats().reconcile_compared.load(Ordering::Relaxed),
+            "bytes_copied": volume.stats().reconcile_copied.load(Ordering::Relaxed),
+        },
+    })
+}
+
+/// Sends one request to an engine's control socket and returns its answer.
+pub async fn request(path: &Path, req: &Value) -> std::io::Result<Value> {
+    let mut s = tokio::net::UnixStream::connect(path).await?;
+    let mut line = req.to_string();
+    line.push('\n');
+    s.write_all(line.as_bytes()).await?;
+    let mut out = String::new();
+    BufReader::new(s).read_line(&mut out).await?;
+    serde_json::from_str(&out).map_err(std::io::Error::other)
+}
+
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}

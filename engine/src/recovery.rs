@@ -1,0 +1,438 @@
+//! Bringing replicas back to identical, while the volume serves:
+//!
+//! - **reconcile**: after an engine crash, compare the healthy replicas
+//!   only where a write may have been in flight (their dirty regions) and
+//!   copy the differences from one of them;
+//! - **rebuild**: a replica that is out (dropped, restarted, or new) gets
+//!   live writes again at once, and the rest is copied from a healthy one —
+//!   only the regions written since it went out (delta), or everything for
+//!   a new replica — comparing hashes first so identical chunks cost no
+//!   copy. It joins the healthy set only when done;
+//! - **clean**: once every replica is healthy, tell them which regions
+//!   every replica acknowledged, so the next crash compares less.
+//!
+//! A copy holds the volume's range lock for its region, so a live write to
+//! the same region is ordered before or after it, never interleaved.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use shorthorn_proto::{ErrorCode, MemberState, Reply, Request};
+use tracing::{info, warn};
+
+use crate::error::EngineError;
+use crate::replica_client::{ClientError, ReplicaClient};
+use crate::slot::Slot;
+use crate::tracker::{set_regions, union};
+use crate::volume::Volume;
+
+/// Chunk size for hash comparison within a region.
+const HASH_CHUNK: u32 = 64 * 1024;
+/// How often the recovery loop looks at out replicas and cleans.
+const TICK: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+impl Volume {
+    /// Makes every healthy replica identical over `dirty` (a region bitmap).
+    pub(crate) async fn reconcile(&self, dirty: &[u8]) -> Result<(), EngineError> {
+        let healthy: Vec<(Arc<Slot>, Arc<ReplicaClient>)> = self
+            .slots
+            .load()
+            .iter()
+            .filter(|s| s.state() == MemberState::Healthy)
+            .filter_map(|s| s.client().map(|c| (s.clone(), c)))
+            .collect();
+        let regions: Vec<u64> = set_regions(dirty)
+            .filter(|r| *r < self.tracker.regions())
+            .collect();
+        if healthy.len() < 2 || regions.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let (source, others) = healthy.split_first().expect("two or more");
+        let mut copied = 0u64;
+        for &r in &regions {
+            for target in others {
+                match self.sync_region(r, source, target).await {
+                    Ok(n) => copied += n,
+                    Err((bad, e)) => {
+                        self.fail(&bad, &e);
+                        self.check_fenced()?;
+                    }
+                }
+            }
+        }
+        let compared = regions.len() as u64 * self.tracker.region_size();
+        self.stats
+            .reconcile_compared
+            .fetch_add(compared, Ordering::Relaxed);
+        self.stats
+            .reconcile_copied
+            .fetch_add(copied, Ordering::Relaxed);
+        info!(
+            volume = %self.name, regions = regions.len(), bytes_compared = compared,
+            bytes_copied = copied, volume_size = self.size, ms = started.elapsed().as_millis() as u64,
+            "reconciled the replicas where writes may have been in flight"
+        );
+        // Identical now: if everyone is healthy those regions are clean.
+        if self.all_healthy() {
+            self.clean(dirty.to_vec()).await;
+        }
+        self.ensure_membership().await
+    }
+
+    fn all_healthy(&self) -> bool {
+        self.slots
+            .load()
+            .iter()
+            .all(|s| s.state() == MemberState::Healthy && s.client().is_some())
+    }
+
+    /// Compares one region of `target` with `source` and copies the chunks
+    /// that differ. Holds the region's write lock throughout. Returns the
+    /// bytes copied, or which side failed.
+    async fn sync_region(
+        &self,
+        region: u64,
+        (src_slot, src): &(Arc<Slot>, Arc<ReplicaClient>),
+        (dst_slot, dst): &(Arc<Slot>, Arc<ReplicaClient>),
+    ) -> Result<u64, (Arc<Slot>, ClientError)> {
+        let rs = self.tracker.region_size();
+        let offset = region * rs;
+        let len = rs.min(self.size - offset);
+        let _lock = self.writes.lock(offset, offset + len).await;
+        let hashes = Request::Hashes {
+            offset,
+            len,
+            chunk: HASH_CHUNK,
+        };
+        let (a, b) = futures::join!(src.call(hashes.clone()), dst.call(hashes));
+        let a = hash_list(a, src).map_err(|e| (src_slot.clone(), e))?;
+        let b = hash_list(b, dst).map_err(|e| (dst_slot.clone(), e))?;
+        let mut copied = 0;
+        for (i, (ha, hb)) in a.iter().zip(b.iter()).enumerate() {
+            if ha == hb {
+                continue;
+            }
+            let o = offset + i as u64 * HASH_CHUNK as u64;
+            let n = (offset + len - o).min(HASH_CHUNK as u64) as u32;
+            let data = match src.call(Request::Read { offset: o, len: n }).await {
+                Ok(Reply::Data(d)) => d,
+                Ok(other) => return Err((src_slot.clone(), src.unexpected(&other))),
+                Err(e) => return Err((src_slot.clone(), e)),
+            };
+            dst.call_done(Request::Write {
+                offset: o,
+                fua: false,
+                data,
+            })
+            .await
+            .map_err(|e| (dst_slot.clone(), e))?;
+            copied += n as u64;
+        }
+        Ok(copied)
+    }
+
+    /// Tells every replica that these regions are clean. Only when every
+    /// member is healthy: while one is out, the dirty regions are exactly
+    /// what it will need.
+    async fn clean(&self, bitmap: Vec<u8>) {
+        let calls: Vec<_> = {
+            let _no_writes_between = self.gate.write().unwrap();
+            self.slots
+                .load()
+                .iter()
+                .filter_map(|s| s.client().map(|c| (s.clone(), c)))
+                .map(|(s, c)| {
+                    let call = c.start(Request::MarkClean {
+                        bitmap: bitmap.clone().into(),
+                    });
+                    (s, call)
+                })
+                .collect()
+        };
+        for (slot, call) in calls {
+            if let Err(e) = call.done().await {
+                self.fail(&slot, &e);
+            }
+        }
+    }
+
+    /// Cleans the regions written since the last clean that have nothing
+    /// in flight. Taking them and queueing the clean happen under the gate,
+    /// so no write to them can be queued in between.
+    async fn clean_idle_regions(&self) {
+        if !self.all_healthy() {
+            return;
+        }
+        let calls: Vec<_> = {
+            let _no_writes_between = self.gate.write().unwrap();
+            let Some(bitmap) = self.tracker.take_cleanable() else {
+                return;
+            };
+            let bitmap = bytes::Bytes::from(bitmap);
+            self.slots
+                .load()
+                .iter()
+                .filter_map(|s| s.client().map(|c| (s.clone(), c)))
+                .map(|(s, c)| {
+                    let call = c.start(Request::MarkClean {
+                        bitmap: bitmap.clone(),
+                    });
+                    (s, call)
+                })
+                .collect()
+        };
+        for (slot, call) in calls {
+            if let Err(e) = call.done().await {
+                self.fail(&slot, &e);
+            }
+        }
+    }
+
+    /// Starts the loop that cleans, retries out replicas with backoff and
+    /// rebuilds them, one at a time, until the volume is dropped.
+    pub(crate) fn spawn_recovery(self: Arc<Self>) {
+        let weak = Arc::downgrade(&self);
+        drop(self);
+        tokio::spawn(async move {
+            let mut next_try: std::collections::HashMap<String, (Instant, Duration)> =
+                Default::default();
+            loop {
+                let Some(v) = weak.upgrade() else { return };
+                tokio::select! {
+                    _ = v.wake.notified() => {}
+                    _ = tokio::time::sleep(TICK) => {}
+                }
+                if v.check_fenced().is_err() {
+                    return;
+                }
+                v.clean_idle_regions().await;
+                let out: Vec<Arc<Slot>> = v
+                    .slots
+                    .load()
+                    .iter()
+                    .filter(|s| s.state() == MemberState::Out)
+                    .cloned()
+                    .collect();
+                for slot in out {
+                    let now = Instant::now();
+                    let (at, backoff) = next_try
+                        .get(&slot.addr)
+                        .copied()
+                        .unwrap_or((now, Duration::from_millis(500)));
+                    if now < at {
+                        continue;
+                    }
+                    match v.clone().bring_back(&slot).await {
+                        Ok(()) => {
+                            next_try.remove(&slot.addr);
+                        }
+                        Err(e) => {
+                            *slot.progress.last.lock().unwrap() = Some(e.clone());
+                            let backoff = (backoff * 2).min(MAX_BACKOFF);
+                            next_try.insert(slot.addr.clone(), (Instant::now() + backoff, backoff));
+                            tracing::debug!(volume = %v.name, replica = %slot.addr, error = %e, ?backoff, "replica not back yet");
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// Reconnects an out replica, rebuilds it and makes it healthy.
+    async fn bring_back(self: Arc<Self>, slot: &Arc<Slot>) -> Result<(), String> {
+        let client = ReplicaClient::connect(
+            &slot.addr,
+            &self.options.client_id,
+            self.name.as_str(),
+            self.generation,
+            self.options.io_timeout,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        if client.volume().map(|v| v.size) != Some(self.size) {
+            return Err(format!(
+                "replica {} has the volume at another size; refusing to rebuild it",
+                slot.addr
+            ));
+        }
+        let state = match client.call(Request::GetState).await {
+            Ok(Reply::State(s)) => s,
+            Ok(other) => return Err(client.unexpected(&other).to_string()),
+            Err(e) => return Err(e.to_string()),
+        };
+        let known = slot.id();
+        let delta = !known.is_empty() && known == state.replica_id;
+        if !known.is_empty() && known != state.replica_id {
+            warn!(volume = %self.name, replica = %slot.addr, was = %known, now = %state.replica_id,
+                "a different replica answers at this address; rebuilding it in full");
+        }
+        slot.set_id(&state.replica_id);
+        let client = Arc::new(client);
+
+        // Live writes reach it from here on; nothing reads from it yet.
+        {
+            let _g = self.gate.write().unwrap();
+            slot.set_client(Some(client.clone()));
+            slot.set_state(MemberState::Rebuilding);
+        }
+        self.bump_version();
+        self.ensure_membership().await.map_err(|e| e.to_string())?;
+
+        let result = self.rebuild(slot, &client, delta, &state.dirty).await;
+        match result {
+            Ok(()) => {
+                if slot.transition(MemberState::Rebuilding, MemberState::Healthy) {
+                    self.bump_version();
+                    self.ensure_membership().await.map_err(|e| e.to_string())?;
+                    *slot.progress.last.lock().unwrap() = None;
+                    Ok(())
+                } else {
+                    Err("replica failed during its rebuild".into())
+                }
+            }
+            Err(e) => {
+                if e.remote().map(|r| r.code) == Some(ErrorCode::StaleGeneration) {
+                    self.fail(slot, &e);
+                } else {
+                    self.mark_out(slot, &e.to_string());
+                }
+                Err(e.to_string())
+            }
+        }
+    }
+
+    async fn rebuild(
+        &self,
+        slot: &Arc<Slot>,
+        client: &Arc<ReplicaClient>,
+        delta: bool,
+        target_dirty: &[u8],
+    ) -> Result<(), ClientError> {
+        let Some(source) = self
+            .slots
+            .load()
+            .iter()
+            .filter(|s| s.state() == MemberState::Healthy)
+            .find_map(|s| s.client().map(|c| (s.clone(), c)))
+        else {
+            return Err(ClientError::Closed {
+                addr: slot.addr.clone(),
+                reason: "no healthy replica to rebuild from".into(),
+            });
+        };
+        let regions: Vec<u64> = if delta {
+            let src_dirty = match source.1.call(Request::GetState).await? {
+                Reply::State(s) => s.dirty,
+                other => return Err(source.1.unexpected(&other)),
+            };
+            set_regions(&union(&src_dirty, target_dirty))
+                .filter(|r| *r < self.tracker.regions())
+                .collect()
+        } else {
+            (0..self.tracker.regions()).collect()
+        };
+        let rs = self.tracker.region_size();
+        let p = &slot.progress;
+        p.total.store(regions.len() as u64 * rs, Ordering::Relaxed);
+        p.scanned.store(0, Ordering::Relaxed);
+        p.copied.store(0, Ordering::Relaxed);
+        *p.started.lock().unwrap() = Some(Instant::now());
+        info!(
+            volume = %self.name, replica = %slot.addr, kind = if delta { "delta" } else { "full" },
+            regions = regions.len(), bytes = regions.len() as u64 * rs,
+            "rebuild started"
+        );
+        let started = Instant::now();
+        let target = (slot.clone(), client.clone());
+        for r in regions {
+            if slot.state() != MemberState::Rebuilding {
+                return Err(ClientError::Closed {
+                    addr: slot.addr.clone(),
+                    reason: "dropped during rebuild".into(),
+                });
+            }
+            match self.sync_region(r, &source, &target).await {
+                Ok(n) => {
+                    p.copied.fetch_add(n, Ordering::Relaxed);
+                    p.scanned.fetch_add(rs, Ordering::Relaxed);
+                }
+                Err((bad, e)) if Arc::ptr_eq(&bad, slot) => return Err(e),
+                Err((bad, e)) => {
+                    self.fail(&bad, &e);
+                    return Err(e);
+                }
+            }
+        }
+        client.call_done(Request::Flush).await?;
+        let secs = started.elapsed().as_secs_f64().max(1e-6);
+        let scanned = p.scanned.load(Ordering::Relaxed);
+        info!(
+            volume = %self.name, replica = %slot.addr, kind = if delta { "delta" } else { "full" },
+            bytes_compared = scanned, bytes_copied = p.copied.load(Ordering::Relaxed),
+            seconds = format!("{secs:.2}"), mib_per_s = format!("{:.1}", scanned as f64 / secs / 1048576.0),
+            "rebuild finished"
+        );
+        Ok(())
+    }
+
+    /// Adds a replica (its volume already created on its daemon) and starts
+    /// rebuilding it in full.
+    pub async fn add_replica(self: &Arc<Self>, addr: &str) -> Result<(), EngineError> {
+        if self.slots.load().iter().any(|s| s.addr == addr) {
+            return Err(EngineError::Membership {
+                volume: self.name.to_string(),
+                detail: format!("{addr} is already a replica of this volume"),
+            });
+        }
+        let slot = Arc::new(Slot::new(addr, "", MemberState::Out));
+        let mut next: Vec<Arc<Slot>> = self.slots.load().iter().cloned().collect();
+        next.push(slot);
+        self.slots.store(Arc::new(next));
+        self.bump_version();
+        self.ensure_membership().await?;
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Removes a replica from the volume. The last healthy one cannot go.
+    pub async fn remove_replica(&self, addr: &str) -> Result<(), EngineError> {
+        let slots = self.slots.load_full();
+        let Some(slot) = slots.iter().find(|s| s.addr == addr) else {
+            return Err(EngineError::Membership {
+                volume: self.name.to_string(),
+                detail: format!("{addr} is not a replica of this volume"),
+            });
+        };
+        let healthy_left = slots
+            .iter()
+            .filter(|s| s.addr != addr && s.state() == MemberState::Healthy)
+            .count();
+        if healthy_left == 0 {
+            return Err(EngineError::Membership {
+                volume: self.name.to_string(),
+                detail: format!(
+                    "{addr} is the last healthy replica; add and rebuild another first"
+                ),
+            });
+        }
+        {
+            let _g = self.gate.write().unwrap();
+            slot.set_state(MemberState::Out);
+            slot.set_client(None);
+            let next: Vec<Arc<Slot>> = slots.iter().filter(|s| s.addr != addr).cloned().collect();
+            self.slots.store(Arc::new(next));
+        }
+        self.bump_version();
+        self.ensure_membership().await
+    }
+}
+
+fn hash_list(r: Result<Reply, ClientError>, c: &ReplicaClient) -> Result<Vec<u64>, ClientError> {
+    match r? {
+        Reply::Hashes(h) => Ok(h),
+        other => Err(c.unexpected(&other)),
+    }
+}

@@ -1,0 +1,110 @@
+//! One replica of a volume as the engine sees it: where it is, what it is
+//! called, whether it may serve reads, and the connection to it.
+
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use arc_swap::ArcSwapOption;
+use shorthorn_proto::{Member, MemberState};
+
+use crate::replica_client::ReplicaClient;
+
+pub struct Slot {
+    pub addr: String,
+    /// The replica's own id (learned from it; empty until first reached).
+    id: Mutex<String>,
+    state: AtomicU8,
+    client: ArcSwapOption<ReplicaClient>,
+    pub progress: RebuildProgress,
+}
+
+/// How far a rebuild has got, for `volume status`.
+#[derive(Default)]
+pub struct RebuildProgress {
+    pub total: AtomicU64,
+    pub scanned: AtomicU64,
+    pub copied: AtomicU64,
+    pub started: Mutex<Option<Instant>>,
+    pub last: Mutex<Option<String>>,
+}
+
+impl Slot {
+    pub fn new(addr: &str, id: &str, state: MemberState) -> Slot {
+        Slot {
+            addr: addr.to_string(),
+            id: Mutex::new(id.to_string()),
+            state: AtomicU8::new(encode(state)),
+            client: ArcSwapOption::empty(),
+            progress: RebuildProgress::default(),
+        }
+    }
+
+    pub fn id(&self) -> String {
+        self.id.lock().unwrap().clone()
+    }
+
+    pub fn set_id(&self, id: &str) {
+        *self.id.lock().unwrap() = id.to_string();
+    }
+
+    pub fn state(&self) -> MemberState {
+        decode(self.state.load(Ordering::Acquire))
+    }
+
+    /// Sets the state; returns the previous one.
+    pub fn set_state(&self, s: MemberState) -> MemberState {
+        decode(self.state.swap(encode(s), Ordering::AcqRel))
+    }
+
+    /// Moves from `from` to `to` only if the slot is in `from`.
+    pub fn transition(&self, from: MemberState, to: MemberState) -> bool {
+        self.state
+            .compare_exchange(
+                encode(from),
+                encode(to),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
+    }
+
+    /// Receives writes: healthy, or being rebuilt.
+    pub fn takes_writes(&self) -> bool {
+        matches!(self.state(), MemberState::Healthy | MemberState::Rebuilding)
+    }
+
+    pub fn client(&self) -> Option<Arc<ReplicaClient>> {
+        self.client.load_full()
+    }
+
+    pub fn set_client(&self, c: Option<Arc<ReplicaClient>>) {
+        if let Some(old) = self.client.swap(c) {
+            old.close("replaced");
+        }
+    }
+
+    pub fn member(&self) -> Member {
+        Member {
+            id: self.id(),
+            addr: self.addr.clone(),
+            state: self.state(),
+        }
+    }
+}
+
+fn encode(s: MemberState) -> u8 {
+    match s {
+        MemberState::Healthy => 1,
+        MemberState::Out => 2,
+        MemberState::Rebuilding => 3,
+    }
+}
+
+fn decode(n: u8) -> MemberState {
+    match n {
+        1 => MemberState::Healthy,
+        3 => MemberState::Rebuilding,
+        _ => MemberState::Out,
+    }
+}
