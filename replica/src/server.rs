@@ -134,6 +134,8 @@ enum Session {
         replica: Arc<Replica>,
         state: Arc<VolumeState>,
         generation: Generation,
+        /// This session's number among the volume's writing sessions.
+        session: u64,
     },
 }
 
@@ -345,20 +347,31 @@ async fn handshake(
     }
     let name = parse_name(&volume)?;
     let replica = store.get(&name).map_err(storage_error)?;
+    let state = states.get(&replica)?;
+    let mut session = 0;
     if generation.0 > 0 {
         replica
             .set_generation(generation, &client)
             .await
             .map_err(storage_error)?;
-        info!(volume = %name, %generation, %client, "engine attached");
+        // One writing session per volume: this one supersedes any older
+        // (a dead engine's, or this engine's before it reconnected), and
+        // waits for the older sessions' IO in progress to finish, so none
+        // of it can land after this session starts repairing the replica.
+        session = state
+            .sessions
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel)
+            + 1;
+        drop(state.io_gate.write().await);
+        info!(volume = %name, %generation, %client, session, "engine attached");
     }
     let info = volume_info(&replica);
-    let state = states.get(&replica)?;
     Ok((
         Session::Volume {
             replica,
             state,
             generation,
+            session,
         },
         welcome(Some(info)),
     ))
@@ -431,7 +444,32 @@ async fn execute(
             hashes(replica, offset, len, chunk).await
         }
         io => {
-            let replica = io_replica(session, matches!(io, Request::Read { .. }))?;
+            let read_only = matches!(io, Request::Read { .. });
+            let replica = io_replica(session, read_only)?;
+            // Held for the IO's duration: a newer session waits for it.
+            let _gate = match (read_only, session) {
+                (
+                    false,
+                    Session::Volume {
+                        state,
+                        session: mine,
+                        ..
+                    },
+                ) => {
+                    let g = state.io_gate.read().await;
+                    if state.sessions.load(std::sync::atomic::Ordering::Acquire) != *mine {
+                        return Err(RemoteError::new(
+                            ErrorCode::StaleGeneration,
+                            format!(
+                                "volume {}: a newer session has replaced this one",
+                                replica.name()
+                            ),
+                        ));
+                    }
+                    Some(g)
+                }
+                _ => None,
+            };
             if let (Some(t), Some(state)) = (ticket, session.state()) {
                 state.dirty().persist(t).await.map_err(|e| {
                     RemoteError::new(ErrorCode::Io, format!("saving the dirty map: {e}"))

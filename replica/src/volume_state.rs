@@ -55,6 +55,12 @@ pub struct VolumeState {
     /// Serialises writers of `state.json`.
     membership_write: tokio::sync::Mutex<()>,
     dirty: DirtyMap,
+    /// The newest writing session's number; older sessions may not change
+    /// data any more.
+    pub sessions: AtomicU64,
+    /// Changing IO holds it shared; a new writing session takes it
+    /// exclusively once, to wait out the older sessions' IO.
+    pub io_gate: tokio::sync::RwLock<()>,
 }
 
 impl VolumeState {
@@ -104,6 +110,8 @@ impl VolumeState {
             membership: Mutex::new(membership),
             membership_write: tokio::sync::Mutex::new(()),
             dirty,
+            sessions: AtomicU64::new(0),
+            io_gate: tokio::sync::RwLock::new(()),
         })
     }
 

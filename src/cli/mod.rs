@@ -25,8 +25,11 @@ pub fn init_logging(filter: &str) {
         eprintln!("shorthorn: bad --log filter {filter:?} ({e}); using info");
         EnvFilter::new("info")
     });
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        // Colour codes only for a person at a terminal, not in log files.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
 }
