@@ -34,13 +34,6 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 /// What the engine logs when it drops a replica from the healthy set.
 const DROPPED: &str = "dropped from the healthy set";
 
-/// Whether `shorthorn engine serve` knows `flag` (its options are changing
-/// under issue 4).
-fn engine_has_flag(flag: &str) -> bool {
-    let out = shorthorn(&["engine", "serve", "--help"]);
-    String::from_utf8_lossy(&out.stdout).contains(flag)
-}
-
 /// A replica daemon in `ns`, listening on `addr` (an address of `ns`).
 fn start_replica(ns: &Netns, dir: &Path, addr: &str) -> Proc {
     let mut proc = ns.spawn(
@@ -121,7 +114,10 @@ impl Lab {
         let socket = dir.join(format!("{VOLUME}.sock"));
         let nbd = format!("unix:{}", socket.display());
         let timeout = IO_TIMEOUT_MS.to_string();
-        let mut args = vec![
+        // The engine's control socket goes in this test's directory, not
+        // the machine's /run/shorthorn.
+        let run_dir = dir.to_str().unwrap();
+        let args = [
             "engine",
             "serve",
             VOLUME,
@@ -133,13 +129,9 @@ impl Lab {
             &nbd,
             "--io-timeout-ms",
             &timeout,
+            "--run-dir",
+            run_dir,
         ];
-        // The engine is gaining a control socket (issue 4): keep it in this
-        // test's directory, not the machine's /run/shorthorn.
-        let run_dir = dir.to_str().unwrap();
-        if engine_has_flag("--run-dir") {
-            args.extend(["--run-dir", run_dir]);
-        }
         let mut engine = e.spawn(
             &format!("engine {VOLUME} in {}", e.name),
             BIN,

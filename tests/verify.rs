@@ -52,14 +52,6 @@ fn json_ranges(v: &serde_json::Value) -> Vec<(u64, u64)> {
         .collect()
 }
 
-/// Whether `shorthorn engine serve` knows `flag`. An engine on one replica
-/// of a 2-replica volume is about to need `--allow-missing-replicas`
-/// (issue 4); once that has landed, `Engine::start_alone` replaces this.
-fn engine_has_flag(flag: &str) -> bool {
-    let out = shorthorn(&["engine", "serve", "--help"]);
-    String::from_utf8_lossy(&out.stdout).contains(flag)
-}
-
 fn qemu_io(uri: &str, cmds: &[&str]) {
     let mut cmd = Command::new("timeout");
     cmd.args(["60", "qemu-io", "-f", "raw"]);
@@ -137,12 +129,7 @@ fn identical_replicas_pass_and_a_lone_write_is_pinpointed() {
     // Now an engine with the second replica alone writes: 8 KiB across the
     // 8 MiB boundary (a chunk boundary for every chunk size up to 8 MiB)
     // and one 512-byte sector. Only the second replica has them.
-    let alone: &[&str] = if engine_has_flag("--allow-missing-replicas") {
-        &["--allow-missing-replicas"]
-    } else {
-        &[]
-    };
-    let mut lone = Engine::start_with(tmp.path(), "ver", &[&r2], alone);
+    let mut lone = Engine::start_alone(tmp.path(), "ver", &r2);
     let straddle = (8 << 20) - 4096;
     let sector = (40 << 20) + 512;
     qemu_io(
