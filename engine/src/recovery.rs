@@ -18,6 +18,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::future::join_all;
+
 use shorthorn_proto::{ErrorCode, MemberState, Reply, Request};
 use tracing::{info, warn};
 
@@ -110,27 +112,41 @@ impl Volume {
         let (a, b) = futures::join!(src.call(hashes.clone()), dst.call(hashes));
         let a = hash_list(a, src).map_err(|e| (src_slot.clone(), e))?;
         let b = hash_list(b, dst).map_err(|e| (dst_slot.clone(), e))?;
-        let mut copied = 0;
-        for (i, (ha, hb)) in a.iter().zip(b.iter()).enumerate() {
-            if ha == hb {
-                continue;
-            }
-            let o = offset + i as u64 * HASH_CHUNK as u64;
-            let n = (offset + len - o).min(HASH_CHUNK as u64) as u32;
-            let data = match src.call(Request::Read { offset: o, len: n }).await {
+        // Every differing chunk at once: reads from the source in
+        // parallel, then writes to the target in parallel.
+        let differing: Vec<(u64, u32)> = a
+            .iter()
+            .zip(b.iter())
+            .enumerate()
+            .filter(|(_, (ha, hb))| ha != hb)
+            .map(|(i, _)| {
+                let o = offset + i as u64 * HASH_CHUNK as u64;
+                (o, (offset + len - o).min(HASH_CHUNK as u64) as u32)
+            })
+            .collect();
+        let reads = join_all(
+            differing
+                .iter()
+                .map(|&(o, n)| src.call(Request::Read { offset: o, len: n })),
+        )
+        .await;
+        let mut writes = Vec::with_capacity(reads.len());
+        for (&(o, _), r) in differing.iter().zip(reads) {
+            let data = match r {
                 Ok(Reply::Data(d)) => d,
                 Ok(other) => return Err((src_slot.clone(), src.unexpected(&other))),
                 Err(e) => return Err((src_slot.clone(), e)),
             };
-            dst.call_done(Request::Write {
+            writes.push(dst.call_done(Request::Write {
                 offset: o,
                 fua: false,
                 data,
-            })
-            .await
-            .map_err(|e| (dst_slot.clone(), e))?;
-            copied += n as u64;
+            }));
         }
+        for w in join_all(writes).await {
+            w.map_err(|e| (dst_slot.clone(), e))?;
+        }
+        let copied = differing.iter().map(|&(_, n)| n as u64).sum();
         Ok(copied)
     }
 

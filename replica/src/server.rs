@@ -222,6 +222,15 @@ async fn handle_connection(
                 let reply = match io_replica(&session, false) {
                     Ok(_) => {
                         state.dirty().clear(bitmap);
+                        // Written (not synced) at once: a daemon killed
+                        // later keeps them; only a power cut loses them,
+                        // which costs one extra compare, never data.
+                        let state = state.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = state.dirty().sync_clears().await {
+                                warn!(error = %e, "writing dirty-map clears failed");
+                            }
+                        });
                         Reply::Done
                     }
                     Err(e) => Reply::Error(e),
