@@ -45,6 +45,9 @@ enum Command {
     /// Start a complete local setup (replica daemons + engine) for trying
     /// shorthorn out, and serve until Ctrl-C.
     Dev(cli::dev::DevArgs),
+    /// Measure shorthorn against the raw disk and nbdkit with real fio, and
+    /// record the ratios in bench/RESULTS.md.
+    Bench(cli::bench::BenchArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -70,6 +73,7 @@ fn main() -> std::process::ExitCode {
             Command::Volume(c) => cli::volume::run(c).await,
             Command::Engine(c) => cli::engine::run(c).await,
             Command::Dev(a) => cli::dev::run(a).await,
+            Command::Bench(a) => cli::bench::run(a).await,
         }
     });
     match result {

@@ -238,6 +238,10 @@ impl Lab {
         )?;
         let socket = self.socket(kind)?;
         serve.arg("--nbd").arg(format!("unix:{}", socket.display()));
+        // Control sockets next to the NBD sockets, not in /run.
+        if let Some(dir) = socket.parent() {
+            serve.arg("--run-dir").arg(dir);
+        }
         let proc = Proc::spawn(
             &format!("engine {}", kind.name()),
             &mut serve,

@@ -2,6 +2,7 @@
 //! arguments into calls on the library crates; errors become exit messages
 //! here and nowhere else.
 
+pub mod bench;
 pub mod dev;
 pub mod engine;
 pub mod engine_ctl;
