@@ -902,7 +902,9 @@ fn spawn_engine(dir: &Path, volume: &str, replica: &Replica, tag: &str) -> (Proc
                 &replica.addr,
                 "--nbd",
             ])
-            .arg(format!("unix:{}", socket.display())),
+            .arg(format!("unix:{}", socket.display()))
+            .arg("--run-dir")
+            .arg(dir),
         dir.join(format!("engine-{volume}-{tag}.log")),
     );
     (proc, socket)

@@ -42,6 +42,26 @@ impl Volume {
         addrs: &[String],
         options: &VolumeOptions,
     ) -> Result<Arc<Volume>, EngineError> {
+        // Another engine starting at the same moment can change the
+        // membership between our look and our claim; then the look is
+        // stale and we start over (our claim has fenced the other by then).
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match Volume::open_once(name.clone(), addrs, options).await {
+                Err(EngineError::RaceLost { .. }) if attempt < 4 => {
+                    warn!(volume = %name, attempt, "membership changed while starting; looking again");
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn open_once(
+        name: VolumeName,
+        addrs: &[String],
+        options: &VolumeOptions,
+    ) -> Result<Arc<Volume>, EngineError> {
         let timeout = options.io_timeout;
         let client = options.client_id.as_str();
         let vol = name.to_string();
@@ -140,6 +160,30 @@ impl Volume {
                     warn!(volume = %name, replica = %s.addr, error = %e, "replica failed to attach; it stays out");
                     *slot.progress.last.lock().unwrap() = Some(e.to_string());
                 }
+            }
+        }
+
+        // From here on no other engine can change the replicas; check that
+        // none did since we looked.
+        for s in &seen {
+            let slot = slots.iter().find(|x| x.addr == s.addr).expect("planned");
+            let Some(c) = slot.client() else { continue };
+            match c.call(Request::GetState).await {
+                Ok(Reply::State(now)) if now.membership == s.state.membership => {}
+                Ok(Reply::State(_)) => return Err(EngineError::RaceLost { volume: vol }),
+                Ok(other) => {
+                    return Err(EngineError::Unsafe {
+                        volume: vol,
+                        detail: c.unexpected(&other).to_string(),
+                    })
+                }
+                Err(e) if slot.state() == MemberState::Healthy => {
+                    return Err(EngineError::Unsafe {
+                        volume: vol,
+                        detail: format!("up-to-date replica {} failed: {e}", s.addr),
+                    })
+                }
+                Err(_) => slot.set_client(None),
             }
         }
 

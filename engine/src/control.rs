@@ -27,6 +27,13 @@ pub async fn serve(
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
+    // A socket a live engine still answers on is not ours to take.
+    if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            format!("{} belongs to another running engine", path.display()),
+        ));
+    }
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path)?;
     let _cleanup = RemoveOnDrop(path.clone());

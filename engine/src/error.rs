@@ -20,6 +20,8 @@ pub enum EngineError {
         "volume {volume}: another engine holds it ({reason}); refusing to start a second writer"
     )]
     HeldByAnotherEngine { volume: String, reason: String },
+    #[error("volume {volume}: another engine changed the membership while this one started")]
+    RaceLost { volume: String },
     #[error("volume {volume}: a newer engine has taken it over; this one no longer does IO")]
     Superseded { volume: String },
     #[error("volume {volume}: generation counter exhausted on its replicas")]
