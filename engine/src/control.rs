@@ -32,7 +32,7 @@ pub async fn serve(
     // people want is this engine's.
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path)?;
-    let _cleanup = RemoveOnDrop(path.clone());
+    let _cleanup = RemoveOnDrop::new(path.clone());
     tokio::pin!(shutdown);
     loop {
         let (stream, _) = tokio::select! {
@@ -127,10 +127,27 @@ pub async fn request(path: &Path, req: &Value) -> std::io::Result<Value> {
     serde_json::from_str(&out).map_err(std::io::Error::other)
 }
 
-struct RemoveOnDrop(PathBuf);
+/// Removes the socket file when the server stops, unless a newer engine
+/// has replaced it with its own meanwhile.
+struct RemoveOnDrop {
+    path: PathBuf,
+    inode: Option<u64>,
+}
+
+impl RemoveOnDrop {
+    fn new(path: PathBuf) -> RemoveOnDrop {
+        use std::os::unix::fs::MetadataExt;
+        let inode = std::fs::metadata(&path).ok().map(|m| m.ino());
+        RemoveOnDrop { path, inode }
+    }
+}
 
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        use std::os::unix::fs::MetadataExt;
+        let now = std::fs::metadata(&self.path).ok().map(|m| m.ino());
+        if now.is_some() && now == self.inode {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
