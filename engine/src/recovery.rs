@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
+use futures::StreamExt;
 
 use shorthorn_proto::{ErrorCode, MemberState, Reply, Request};
 use tracing::{info, warn};
@@ -34,6 +35,8 @@ const HASH_CHUNK: u32 = 64 * 1024;
 /// How often the recovery loop looks at out replicas and cleans.
 const TICK: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Regions a rebuild compares and copies at once.
+const REBUILD_PARALLEL: usize = 4;
 
 impl Volume {
     /// Makes every healthy replica identical over `dirty` (a region bitmap).
@@ -363,14 +366,22 @@ impl Volume {
         );
         let started = Instant::now();
         let target = (slot.clone(), client.clone());
-        for r in regions {
+        // A few regions at a time: each holds only its own range lock, so
+        // live writes elsewhere go on, and the disks see a queue.
+        let mut copies = futures::stream::iter(regions)
+            .map(|r| {
+                let (source, target) = (&source, &target);
+                async move { self.sync_region(r, source, target).await }
+            })
+            .buffer_unordered(REBUILD_PARALLEL);
+        while let Some(result) = copies.next().await {
             if slot.state() != MemberState::Rebuilding {
                 return Err(ClientError::Closed {
                     addr: slot.addr.clone(),
                     reason: "dropped during rebuild".into(),
                 });
             }
-            match self.sync_region(r, &source, &target).await {
+            match result {
                 Ok(n) => {
                     p.copied.fetch_add(n, Ordering::Relaxed);
                     p.scanned.fetch_add(rs, Ordering::Relaxed);
@@ -382,6 +393,7 @@ impl Volume {
                 }
             }
         }
+        drop(copies);
         client.call_done(Request::Flush).await?;
         let secs = started.elapsed().as_secs_f64().max(1e-6);
         let scanned = p.scanned.load(Ordering::Relaxed);
