@@ -121,16 +121,18 @@ impl Drop for WriteGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::layer::create_file;
+    use crate::storage::layer::{FileMode, LayerOpener};
     use crate::storage::units::LayerId;
     use std::time::Duration;
 
     fn one_layer_chain() -> Arc<Chain> {
         let dir = tempfile::tempdir().unwrap();
-        let file = create_file(dir.path(), LayerId(1), 4096).unwrap();
+        let opener = LayerOpener::new(FileMode::Direct);
+        let created = opener.create(dir.path(), LayerId(1), 4096).unwrap();
         Arc::new(Chain::new(vec![Arc::new(Layer {
             id: LayerId(1),
-            file: Arc::new(file),
+            file: Arc::new(created.file),
+            direct: created.direct,
             map: None,
         })]))
     }

@@ -1,29 +1,50 @@
 //! The data path of a [`Replica`]: read, write, trim, write-zeroes, flush.
 //!
 //! A chain of one layer is the fast path: every operation goes straight to
-//! the head file, with no map and no lock. Over a chain of snapshots, reads
-//! take each run of blocks from the newest layer holding it, and writes go
-//! to the head and mark its map — after the data is written, so a reader
-//! that sees the bit finds the data. A write covering only part of a block
-//! that lives only in a snapshot first copies the block up into the head.
-//! Zeroing over snapshots writes real zeros wherever a snapshot holds data,
-//! since a hole in the head would let the snapshot's bytes show through.
+//! the head file, with no map. Over a chain of snapshots, reads take each
+//! run of blocks from the newest layer holding it, and writes go to the
+//! head and mark its map — after the data is written, so a reader that sees
+//! the bit finds the data. Zeroing over snapshots writes real zeros
+//! wherever a snapshot holds data, since a hole in the head would let the
+//! snapshot's bytes show through.
+//!
+//! Layer files are O_DIRECT where the filesystem allows it, so the disk
+//! sees only whole, aligned 4 KiB blocks from aligned memory: a read is
+//! widened to the blocks it touches and the bytes asked for are sliced out
+//! (no copy); a write's payload is copied into aligned memory, and a block
+//! it covers only in part is first read — from the newest layer holding it
+//! — and merged (read-modify-write). Two such writes into one block take
+//! turns on the replica's partial-block lock, so neither loses the other's
+//! bytes. Over a buffered head (O_DIRECT refused) writes go down as they
+//! come, and only a partial block living in a snapshot is read and merged
+//! (copied up), under the same lock.
+//!
+//! The protocol does not order concurrent writes that overlap (their bytes
+//! may land in either order, as on a disk); writes that do not overlap never
+//! disturb each other's bytes, whatever their alignment.
 //!
 //! This module never touches metadata and never blocks: all IO goes
 //! through [`DiskIo`](super::io::DiskIo).
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt, TryStreamExt};
+use tokio::sync::MutexGuard;
 
 use super::chain::Chain;
 use super::error::StorageError;
+use super::io::aligned::is_aligned;
+use super::io::AlignedBuf;
+use super::layer::Layer;
 use super::replica::Replica;
 use super::units::{BlockIndex, BlockRange, ByteRange, BLOCK_SIZE};
 
-/// Zeros are written from this buffer, in pieces of at most its size.
+/// Zeros are written from this buffer, in pieces of at most its size. It is
+/// aligned, so O_DIRECT writes take whole-block pieces without a copy.
 const ZERO_CHUNK: usize = 1 << 20;
-static ZEROS: [u8; ZERO_CHUNK] = [0; ZERO_CHUNK];
+#[repr(C, align(4096))]
+struct Zeros([u8; ZERO_CHUNK]);
+static ZEROS: Zeros = Zeros([0; ZERO_CHUNK]);
 /// Zero-writing pieces in flight at once for one request.
 const ZERO_PARALLEL: usize = 4;
 
@@ -40,10 +61,7 @@ impl Replica {
         let runs = source_runs(&chain, range);
         if let [(source, _)] = runs.as_slice() {
             return match source {
-                Some(i) => self
-                    .read_layer(&chain, *i, range)
-                    .await
-                    .map(BytesMut::freeze),
+                Some(i) => self.read_layer(&chain, *i, range).await,
                 None => Ok(Bytes::from(vec![0u8; len as usize])),
             };
         }
@@ -160,7 +178,7 @@ impl Replica {
                 let len = (range.end().0 - start).min(ZERO_CHUNK as u64);
                 async move {
                     let piece = ByteRange::checked(start, len, self.size)?;
-                    let zeros = Bytes::from_static(&ZEROS[..len as usize]);
+                    let zeros = Bytes::from_static(&ZEROS.0[..len as usize]);
                     self.write_in(chain, piece, zeros).await
                 }
             });
@@ -178,6 +196,109 @@ impl Replica {
         data: Bytes,
     ) -> BoxFuture<'a, Result<(), StorageError>> {
         debug_assert_eq!(range.len(), data.len() as u64);
+        if chain.head().direct {
+            self.write_direct(chain, range, data).boxed()
+        } else {
+            self.write_buffered(chain, range, data)
+        }
+    }
+
+    /// Writes into an O_DIRECT head: one write of the whole blocks `range`
+    /// touches, from aligned memory. Blocks it covers only in part are read
+    /// and merged first, under their stripes of the partial-block lock.
+    async fn write_direct(
+        &self,
+        chain: &Chain,
+        range: ByteRange,
+        data: Bytes,
+    ) -> Result<(), StorageError> {
+        let head = chain.head();
+        let blocks = range.blocks();
+        let cover = ByteRange::of_blocks(blocks);
+        let write_err = |e| self.io_error(format!("writing {}", head.id), e);
+        if cover == range {
+            let data = if is_aligned(&data) {
+                data
+            } else {
+                AlignedBuf::copy_from(&data).into_bytes()
+            };
+            self.io
+                .write_at(head.file.clone(), range.start().0, data)
+                .await
+                .map_err(write_err)?;
+            if let Some(map) = &head.map {
+                map.insert_range(blocks);
+            }
+            return Ok(());
+        }
+
+        let first = blocks.start;
+        let last = BlockIndex(blocks.end.0 - 1);
+        let partial = |b: BlockIndex| !covers(range, b);
+        let mut edges = Vec::with_capacity(2);
+        if partial(first) {
+            edges.push(first);
+        }
+        if last != first && partial(last) {
+            edges.push(last);
+        }
+        let _turns = self.lock_partial_blocks(&edges).await;
+        // Under the lock no other write changes these blocks' bytes outside
+        // its own range, so what is read here is what must be kept.
+        let reads = edges.iter().filter_map(|&b| {
+            let source = block_source(chain, b)?;
+            let at = ByteRange::of_blocks(BlockRange {
+                start: b,
+                end: b.next(),
+            });
+            Some(async move {
+                self.io
+                    .read_at(source.file.clone(), at.start().0, BLOCK_SIZE as usize)
+                    .await
+                    .map(|buf| (at, buf))
+                    .map_err(|e| self.io_error(format!("reading {} to merge", source.id), e))
+            })
+        });
+        let old = futures::future::try_join_all(reads).await?;
+        let mut buf = AlignedBuf::zeroed(cover.len() as usize);
+        for (at, block) in old {
+            let skip = (at.start().0 - cover.start().0) as usize;
+            buf[skip..skip + block.len()].copy_from_slice(&block);
+        }
+        let skip = (range.start().0 - cover.start().0) as usize;
+        buf[skip..skip + data.len()].copy_from_slice(&data);
+        self.io
+            .write_at(head.file.clone(), cover.start().0, buf.into_bytes())
+            .await
+            .map_err(write_err)?;
+        if let Some(map) = &head.map {
+            map.insert_range(blocks);
+        }
+        Ok(())
+    }
+
+    /// Takes the partial-block lock stripes of `blocks`, in stripe order so
+    /// two writers never wait on each other's second stripe.
+    async fn lock_partial_blocks(&self, blocks: &[BlockIndex]) -> Vec<MutexGuard<'_, ()>> {
+        let stripes = self.partial_block.len() as u64;
+        let mut indices: Vec<usize> = blocks.iter().map(|b| (b.0 % stripes) as usize).collect();
+        indices.sort_unstable();
+        indices.dedup();
+        let mut guards = Vec::with_capacity(indices.len());
+        for i in indices {
+            guards.push(self.partial_block[i].lock().await);
+        }
+        guards
+    }
+
+    /// Writes into a buffered head: as it comes, except that a block it
+    /// covers only in part and that lives only in a snapshot is copied up.
+    fn write_buffered<'a>(
+        &'a self,
+        chain: &'a Chain,
+        range: ByteRange,
+        data: Bytes,
+    ) -> BoxFuture<'a, Result<(), StorageError>> {
         let head = chain.head();
         if chain.is_single() {
             return async move {
@@ -196,15 +317,9 @@ impl Replica {
             let blocks = range.blocks();
             let first = blocks.start;
             let last = BlockIndex(blocks.end.0 - 1);
-            let covers = |b: BlockIndex| {
-                let whole = ByteRange::of_blocks(BlockRange {
-                    start: b,
-                    end: b.next(),
-                });
-                range.intersect(whole) == whole
+            let needs_copy_up = |b: BlockIndex| {
+                !covers(range, b) && !map.contains(b) && chain.lower_holder(b).is_some()
             };
-            let needs_copy_up =
-                |b: BlockIndex| !covers(b) && !map.contains(b) && chain.lower_holder(b).is_some();
 
             let mut direct = blocks;
             let mut jobs: Vec<BoxFuture<'_, Result<(), StorageError>>> = Vec::new();
@@ -238,8 +353,8 @@ impl Replica {
     }
 
     /// Writes the part of `data` (which covers `range`) that falls in block
-    /// `b` into the head, first filling the rest of the block from the
-    /// snapshot that holds it.
+    /// `b` into a buffered head, first filling the rest of the block from
+    /// the snapshot that holds it.
     async fn copy_up(
         &self,
         chain: &Chain,
@@ -260,9 +375,7 @@ impl Replica {
         let skip = (part.start().0 - range.start().0) as usize;
         let bytes = data.slice(skip..skip + part.len() as usize);
 
-        let _turn = self.copy_up[(b.0 % self.copy_up.len() as u64) as usize]
-            .lock()
-            .await;
+        let _turn = self.lock_partial_blocks(&[b]).await;
         let write_err = |e| self.io_error(format!("writing {}", head.id), e);
         if map.contains(b) {
             // Another writer copied it up while we waited: just our bytes.
@@ -283,24 +396,39 @@ impl Replica {
         let at = part.start().within_block() as usize;
         buf[at..at + bytes.len()].copy_from_slice(&bytes);
         self.io
-            .write_at(head.file.clone(), block.start().0, buf.freeze())
+            .write_at(head.file.clone(), block.start().0, buf.into_bytes())
             .await
             .map_err(write_err)?;
         map.insert(b);
         Ok(())
     }
 
+    /// Reads `range` from layer `index`. From an O_DIRECT file it reads the
+    /// whole blocks the range touches and slices the bytes asked for out of
+    /// them, without a copy.
     async fn read_layer(
         &self,
         chain: &Chain,
         index: usize,
         range: ByteRange,
-    ) -> Result<BytesMut, StorageError> {
+    ) -> Result<Bytes, StorageError> {
         let layer = &chain.layers()[index];
-        self.io
-            .read_at(layer.file.clone(), range.start().0, range.len() as usize)
+        let at = if layer.direct {
+            ByteRange::of_blocks(range.blocks())
+        } else {
+            range
+        };
+        let buf = self
+            .io
+            .read_at(layer.file.clone(), at.start().0, at.len() as usize)
             .await
-            .map_err(|e| self.io_error(format!("reading {}", layer.id), e))
+            .map_err(|e| self.io_error(format!("reading {}", layer.id), e))?;
+        let mut bytes = buf.into_bytes();
+        if at != range {
+            bytes.advance((range.start().0 - at.start().0) as usize);
+            bytes.truncate(range.len() as usize);
+        }
+        Ok(bytes)
     }
 
     async fn sync_head(&self, chain: &Chain) -> Result<(), StorageError> {
@@ -310,6 +438,25 @@ impl Replica {
             .await
             .map_err(|e| self.io_error(format!("syncing {}", head.id), e))
     }
+}
+
+/// Whether `range` covers all of block `b`.
+fn covers(range: ByteRange, b: BlockIndex) -> bool {
+    let whole = ByteRange::of_blocks(BlockRange {
+        start: b,
+        end: b.next(),
+    });
+    range.intersect(whole) == whole
+}
+
+/// The layer holding the current bytes of block `b` (`None`: zeros). With
+/// one layer that is the head, whose holes read as zeros anyway.
+fn block_source(chain: &Chain, b: BlockIndex) -> Option<&Layer> {
+    let head = chain.head();
+    if chain.is_single() || head.holds(b) {
+        return Some(head);
+    }
+    chain.lower_holder(b).map(|l| &**l)
 }
 
 /// Splits `range` into runs of bytes served by one source: the index of the

@@ -9,8 +9,8 @@
 //! A block's current data is in the newest layer holding it; which layer
 //! holds what is learned at open from the files (SEEK_DATA/SEEK_HOLE) and
 //! kept in memory. All disk IO goes through [`DiskIo`] (io_uring or
-//! pread/pwrite); this module never blocks the async reactor on the data
-//! path. It owns the bytes on disk and nothing else: it knows no sockets
+//! pread/pwrite), on layer files opened with O_DIRECT where the filesystem
+//! allows it; this module never blocks the async reactor on the data path. It owns the bytes on disk and nothing else: it knows no sockets
 //! and no protocol beyond the error codes it maps to.
 //!
 //! Module map: [`store`] (the data directory), [`replica`] (one volume's
@@ -34,7 +34,8 @@ pub mod units;
 mod tests;
 
 pub use error::StorageError;
-pub use io::{open_io, DiskIo, IoEngineChoice, IoFuture};
+pub use io::{open_io, AlignedBuf, DiskIo, IoEngineChoice, IoFuture};
+pub use layer::FileMode;
 pub use replica::Replica;
 pub use store::Store;
 pub use units::{BlockIndex, ByteOffset, LayerId, BLOCK_SIZE};

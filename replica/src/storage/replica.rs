@@ -18,13 +18,15 @@ use super::block_map::BlockMap;
 use super::chain::{Chain, WriteGuard};
 use super::error::StorageError;
 use super::io::DiskIo;
-use super::layer::{self, Layer};
+use super::layer::{self, Layer, LayerOpener};
 use super::meta::{sync_dir, Meta};
 use super::units::{LayerId, BLOCK_SIZE};
 
-/// Stripes of the copy-up lock: two partial writes into one block that must
-/// be copied up from a snapshot take turns; everything else runs freely.
-const COPY_UP_STRIPES: usize = 64;
+/// Stripes of the partial-block lock: two writes covering only part of one
+/// block that must read the rest of it first (read-modify-write under
+/// O_DIRECT, copy-up from a snapshot) take turns; everything else runs
+/// freely.
+const PARTIAL_BLOCK_STRIPES: usize = 64;
 
 /// The largest step a generation may take at once.
 pub const MAX_GENERATION_STEP: u64 = 1 << 32;
@@ -34,11 +36,15 @@ pub struct Replica {
     pub(super) size: u64,
     pub(super) dir: PathBuf,
     pub(super) io: Arc<dyn DiskIo>,
+    /// Opens the files of new heads (snapshots) as the store's were.
+    opener: Arc<LayerOpener>,
     generation: AtomicU64,
     pub(super) chain: ArcSwap<Chain>,
     /// The last `meta.json` written. Held while metadata or the chain change.
     meta: Mutex<Meta>,
-    pub(super) copy_up: Box<[Mutex<()>]>,
+    /// Held by a write while it reads and rewrites a block it covers only
+    /// in part; indexed by block number modulo the stripe count.
+    pub(super) partial_block: Box<[Mutex<()>]>,
     deleted: AtomicBool,
 }
 
@@ -55,10 +61,15 @@ impl std::fmt::Debug for Replica {
 
 /// Writes the files of a new, empty replica into `dir` (which must exist and
 /// be empty) and makes them durable. Blocking.
-pub(super) fn initialize(dir: &Path, name: &VolumeName, size: u64) -> Result<(), StorageError> {
+pub(super) fn initialize(
+    dir: &Path,
+    name: &VolumeName,
+    size: u64,
+    opener: &LayerOpener,
+) -> Result<(), StorageError> {
     let meta = Meta::new(name.as_str(), size);
     for id in meta.layer_ids() {
-        layer::create_file(dir, id, size)?;
+        opener.create(dir, id, size)?;
     }
     meta.store(dir)
 }
@@ -70,6 +81,7 @@ impl Replica {
         dir: PathBuf,
         name: VolumeName,
         io: Arc<dyn DiskIo>,
+        opener: Arc<LayerOpener>,
     ) -> Result<Replica, StorageError> {
         let meta = Meta::load(&dir, name.as_str())?;
         let ids = meta.layer_ids();
@@ -77,18 +89,19 @@ impl Replica {
         let single = ids.len() == 1;
         let mut layers = Vec::with_capacity(ids.len());
         for id in ids {
-            let file = layer::open_file(&dir, id, meta.size)?;
+            let opened = opener.open(&dir, id, meta.size)?;
             let map = if single {
                 None
             } else {
-                let map = layer::scan_map(&file, meta.size).map_err(|e| {
+                let map = layer::scan_map(&opened.file, meta.size).map_err(|e| {
                     StorageError::io(format!("mapping {} of {}", id, dir.display()), e)
                 })?;
                 Some(Arc::new(map))
             };
             layers.push(Arc::new(Layer {
                 id,
-                file: Arc::new(file),
+                file: Arc::new(opened.file),
+                direct: opened.direct,
                 map,
             }));
         }
@@ -98,10 +111,11 @@ impl Replica {
             size: meta.size,
             dir,
             io,
+            opener,
             generation: AtomicU64::new(meta.generation),
             chain: ArcSwap::from_pointee(Chain::new(layers)),
             meta: Mutex::new(meta),
-            copy_up: (0..COPY_UP_STRIPES).map(|_| Mutex::new(())).collect(),
+            partial_block: (0..PARTIAL_BLOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             deleted: AtomicBool::new(false),
         })
     }
@@ -211,11 +225,12 @@ impl Replica {
             }
         };
         let new_id = head.id.next();
-        let file = {
+        let created = {
             let dir = self.dir.clone();
             let size = self.size;
+            let opener = self.opener.clone();
             blocking(move || {
-                let f = layer::create_file(&dir, new_id, size)?;
+                let f = opener.create(&dir, new_id, size)?;
                 sync_dir(&dir)?;
                 Ok(f)
             })
@@ -235,11 +250,13 @@ impl Replica {
         layers.push(Arc::new(Layer {
             id: head.id,
             file: head.file.clone(),
+            direct: head.direct,
             map: Some(frozen_map),
         }));
         layers.push(Arc::new(Layer {
             id: new_id,
-            file: Arc::new(file),
+            file: Arc::new(created.file),
+            direct: created.direct,
             map: Some(Arc::new(BlockMap::new(self.size / BLOCK_SIZE))),
         }));
         self.chain.store(Arc::new(Chain::new(layers)));

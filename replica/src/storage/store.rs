@@ -16,6 +16,7 @@ use tokio::sync::Mutex;
 
 use super::error::StorageError;
 use super::io::DiskIo;
+use super::layer::{FileMode, LayerOpener};
 use super::meta::sync_dir;
 use super::replica::{self, blocking, Replica};
 use super::units::BLOCK_SIZE;
@@ -30,16 +31,36 @@ pub const MAX_VOLUME_SIZE: u64 = 1 << 50;
 pub struct Store {
     volumes_dir: PathBuf,
     io: Arc<dyn DiskIo>,
+    opener: Arc<LayerOpener>,
     volumes: RwLock<BTreeMap<VolumeName, Arc<Replica>>>,
     /// Serializes create and delete; the data path never takes it.
     admin: Mutex<()>,
 }
 
 impl Store {
-    /// Opens (creating if needed) `data_dir/volumes` and every volume in it.
+    /// Opens (creating if needed) `data_dir/volumes` and every volume in it,
+    /// layer files with O_DIRECT where the filesystem allows it.
     /// A volume that fails to open is logged and left out, so one broken
     /// volume does not stop the others. Blocking: call at start-up.
     pub fn open(data_dir: &Path, io: Arc<dyn DiskIo>) -> Result<Store, StorageError> {
+        Store::open_with(data_dir, io, FileMode::Direct)
+    }
+
+    /// [`Store::open`], opening layer files as `mode` says.
+    pub fn open_with(
+        data_dir: &Path,
+        io: Arc<dyn DiskIo>,
+        mode: FileMode,
+    ) -> Result<Store, StorageError> {
+        Store::open_with_opener(data_dir, io, LayerOpener::new(mode))
+    }
+
+    pub(crate) fn open_with_opener(
+        data_dir: &Path,
+        io: Arc<dyn DiskIo>,
+        opener: LayerOpener,
+    ) -> Result<Store, StorageError> {
+        let opener = Arc::new(opener);
         let volumes_dir = data_dir.join(VOLUMES_DIR);
         fs::create_dir_all(&volumes_dir)
             .map_err(|e| StorageError::io(format!("creating {}", volumes_dir.display()), e))?;
@@ -70,7 +91,7 @@ impl Store {
                 tracing::warn!(path = %path.display(), "skipping non-directory entry");
                 continue;
             }
-            match Replica::open(path.clone(), name.clone(), io.clone()) {
+            match Replica::open(path.clone(), name.clone(), io.clone(), opener.clone()) {
                 Ok(r) => {
                     volumes.insert(name, Arc::new(r));
                 }
@@ -83,11 +104,13 @@ impl Store {
             dir = %volumes_dir.display(),
             volumes = volumes.len(),
             io = io.name(),
+            files = %opener.mode(),
             "replica store opened"
         );
         Ok(Store {
             volumes_dir,
             io,
+            opener,
             volumes: RwLock::new(volumes),
             admin: Mutex::new(()),
         })
@@ -120,7 +143,9 @@ impl Store {
         let volumes_dir = self.volumes_dir.clone();
         let name2 = name.clone();
         let io = self.io.clone();
-        let replica = blocking(move || create_on_disk(&volumes_dir, name2, size, io)).await?;
+        let opener = self.opener.clone();
+        let replica =
+            blocking(move || create_on_disk(&volumes_dir, name2, size, io, opener)).await?;
         let replica = Arc::new(replica);
         self.volumes
             .write()
@@ -173,6 +198,12 @@ impl Store {
     pub fn io(&self) -> &Arc<dyn DiskIo> {
         &self.io
     }
+
+    /// Whether layer files are opened with O_DIRECT: asked for, and not
+    /// refused by the filesystem so far.
+    pub fn direct_io(&self) -> bool {
+        self.opener.mode() == FileMode::Direct && !self.opener.fell_back()
+    }
 }
 
 /// Builds the volume in a scratch directory, then renames it into place, so
@@ -182,6 +213,7 @@ fn create_on_disk(
     name: VolumeName,
     size: u64,
     io: Arc<dyn DiskIo>,
+    opener: Arc<LayerOpener>,
 ) -> Result<Replica, StorageError> {
     let dir = volumes_dir.join(name.as_str());
     if dir.exists() {
@@ -196,7 +228,7 @@ fn create_on_disk(
         fs::remove_dir_all(&tmp).map_err(|e| StorageError::io(ctx("removing", &tmp), e))?;
     }
     fs::create_dir(&tmp).map_err(|e| StorageError::io(ctx("creating", &tmp), e))?;
-    let built = replica::initialize(&tmp, &name, size)
+    let built = replica::initialize(&tmp, &name, size, &opener)
         .and_then(|()| sync_dir(&tmp))
         .and_then(|()| {
             fs::rename(&tmp, &dir).map_err(|e| StorageError::io(ctx("renaming", &tmp), e))
@@ -206,7 +238,7 @@ fn create_on_disk(
         let _ = fs::remove_dir_all(&tmp);
         return Err(e);
     }
-    Replica::open(dir, name, io)
+    Replica::open(dir, name, io, opener)
 }
 
 /// Renames the volume out of the namespace (durably), then removes it. A

@@ -23,10 +23,10 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use shorthorn_proto::VolumeName;
 
-use super::{DiskIo, IoFuture};
+use super::{AlignedBuf, DiskIo, IoFuture};
 use crate::storage::store::VOLUMES_DIR;
 
 /// The kinds of operation a plan can fail, one per [`DiskIo`] method.
@@ -346,7 +346,7 @@ impl DiskIo for FaultyIo {
         self.inner.name()
     }
 
-    fn read_at(&self, file: Arc<File>, offset: u64, len: usize) -> IoFuture<BytesMut> {
+    fn read_at(&self, file: Arc<File>, offset: u64, len: usize) -> IoFuture<AlignedBuf> {
         match self.control.check(OpKind::Read, &file) {
             Some(e) => failed(e),
             None => self.inner.read_at(file, offset, len),

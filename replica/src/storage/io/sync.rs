@@ -1,15 +1,17 @@
 //! The `sync` engine: plain pread/pwrite/fdatasync/fallocate, each run on
 //! tokio's blocking thread pool so the reactor never waits on a disk.
 //! It is the fallback where io_uring is not allowed, and the reference the
-//! uring engine is tested against.
+//! uring engine is tested against. Like the uring engine it reads into
+//! [`AlignedBuf`]s, so O_DIRECT files work the same through either.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 
+use super::aligned::AlignedBuf;
 use super::{DiskIo, IoFuture};
 
 #[derive(Debug, Default)]
@@ -62,13 +64,13 @@ impl DiskIo for SyncIo {
         "sync"
     }
 
-    fn read_at(&self, file: Arc<File>, offset: u64, len: usize) -> IoFuture<BytesMut> {
+    fn read_at(&self, file: Arc<File>, offset: u64, len: usize) -> IoFuture<AlignedBuf> {
         Box::pin(async move {
             if len == 0 {
-                return Ok(BytesMut::new());
+                return Ok(AlignedBuf::zeroed(0));
             }
             blocking(move || {
-                let mut buf = BytesMut::zeroed(len);
+                let mut buf = AlignedBuf::zeroed(len);
                 read_full_at(&file, &mut buf, offset)?;
                 Ok(buf)
             })

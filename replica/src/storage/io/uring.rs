@@ -23,11 +23,12 @@ use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use io_uring::{opcode, squeue, types, IoUring};
 use slab::Slab;
 use tokio::sync::oneshot;
 
+use super::aligned::AlignedBuf;
 use super::sync::punch_hole_blocking;
 use super::{DiskIo, IoFuture};
 
@@ -41,9 +42,9 @@ const MAX_CHUNK: usize = 1 << 30;
 
 enum Kind {
     Read {
-        buf: BytesMut,
+        buf: AlignedBuf,
         done: usize,
-        reply: oneshot::Sender<io::Result<BytesMut>>,
+        reply: oneshot::Sender<io::Result<AlignedBuf>>,
     },
     Write {
         data: Bytes,
@@ -321,12 +322,12 @@ impl DiskIo for UringIo {
         "uring"
     }
 
-    fn read_at(&self, file: Arc<File>, offset: u64, len: usize) -> IoFuture<BytesMut> {
+    fn read_at(&self, file: Arc<File>, offset: u64, len: usize) -> IoFuture<AlignedBuf> {
         if len == 0 {
-            return Box::pin(std::future::ready(Ok(BytesMut::new())));
+            return Box::pin(std::future::ready(Ok(AlignedBuf::zeroed(0))));
         }
         self.request(file, offset, |reply| Kind::Read {
-            buf: BytesMut::zeroed(len),
+            buf: AlignedBuf::zeroed(len),
             done: 0,
             reply,
         })

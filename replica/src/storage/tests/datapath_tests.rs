@@ -1,15 +1,13 @@
 //! Reads, writes and zeroing, on a single layer and over snapshot chains.
 
-use std::sync::Arc;
-
 use bytes::Bytes;
 use rand::{Rng, SeedableRng};
 
 use std::time::Duration;
 
-use super::{assert_matches, fresh_volume, pattern, HeldWrites, Model, MIB};
+use super::{assert_matches, fresh_volume, pattern, Disk, HeldWrites, Model, MIB};
 use crate::storage::units::BlockRange;
-use crate::storage::{DiskIo, StorageError, BLOCK_SIZE};
+use crate::storage::{StorageError, BLOCK_SIZE};
 
 for_each_engine!(
     round_trips_at_odd_offsets,
@@ -25,9 +23,9 @@ for_each_engine!(
     flush_and_fua_succeed,
 );
 
-async fn round_trips_at_odd_offsets(io: Arc<dyn DiskIo>) {
+async fn round_trips_at_odd_offsets(disk: Disk) {
     let size = 4 * MIB;
-    let (_dir, _store, r) = fresh_volume(&io, size).await;
+    let (_dir, _store, r) = fresh_volume(&disk, size).await;
     let mut model = Model::new(size);
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
     for i in 0..60u64 {
@@ -52,9 +50,9 @@ async fn round_trips_at_odd_offsets(io: Arc<dyn DiskIo>) {
     assert_matches(&r, &model).await;
 }
 
-async fn concurrent_non_overlapping_writes(io: Arc<dyn DiskIo>) {
+async fn concurrent_non_overlapping_writes(disk: Disk) {
     let size = 8 * MIB;
-    let (_dir, _store, r) = fresh_volume(&io, size).await;
+    let (_dir, _store, r) = fresh_volume(&disk, size).await;
     let mut model = Model::new(size);
     // 64 writers, each owning a 128 KiB stretch, writing it in odd pieces.
     let stretch = 128 * 1024u64;
@@ -91,9 +89,9 @@ async fn concurrent_non_overlapping_writes(io: Arc<dyn DiskIo>) {
     assert_matches(&r, &model).await;
 }
 
-async fn out_of_range_is_refused_whole(io: Arc<dyn DiskIo>) {
+async fn out_of_range_is_refused_whole(disk: Disk) {
     let size = MIB;
-    let (_dir, _store, r) = fresh_volume(&io, size).await;
+    let (_dir, _store, r) = fresh_volume(&disk, size).await;
     let tail = pattern(5, 100);
     r.write(size - 100, tail.clone(), false).await.unwrap();
 
@@ -128,9 +126,9 @@ async fn out_of_range_is_refused_whole(io: Arc<dyn DiskIo>) {
     assert_eq!(r.read(size - 100, 100).await.unwrap(), tail);
 }
 
-async fn trim_and_write_zeroes_on_one_layer(io: Arc<dyn DiskIo>) {
+async fn trim_and_write_zeroes_on_one_layer(disk: Disk) {
     let size = 4 * MIB;
-    let (_dir, _store, r) = fresh_volume(&io, size).await;
+    let (_dir, _store, r) = fresh_volume(&disk, size).await;
     let mut model = Model::new(size);
     let data = pattern(7, 2 * MIB as usize);
     r.write(0, data.clone(), false).await.unwrap();
@@ -162,9 +160,9 @@ async fn trim_and_write_zeroes_on_one_layer(io: Arc<dyn DiskIo>) {
     assert_matches(&r, &model).await;
 }
 
-async fn reads_across_a_snapshot_chain(io: Arc<dyn DiskIo>) {
+async fn reads_across_a_snapshot_chain(disk: Disk) {
     let size = 4 * MIB;
-    let (_dir, _store, r) = fresh_volume(&io, size).await;
+    let (_dir, _store, r) = fresh_volume(&disk, size).await;
     let mut model = Model::new(size);
     let mut write = |off: u64, len: usize, seed: u64| {
         let data = pattern(seed, len);
@@ -198,9 +196,9 @@ async fn reads_across_a_snapshot_chain(io: Arc<dyn DiskIo>) {
     assert_matches(&r, &model).await;
 }
 
-async fn partial_writes_over_a_snapshot_keep_the_rest_of_the_block(io: Arc<dyn DiskIo>) {
+async fn partial_writes_over_a_snapshot_keep_the_rest_of_the_block(disk: Disk) {
     let size = MIB;
-    let (_dir, _store, r) = fresh_volume(&io, size).await;
+    let (_dir, _store, r) = fresh_volume(&disk, size).await;
     let mut model = Model::new(size);
     let base = pattern(20, 64 * BLOCK_SIZE as usize);
     r.write(0, base.clone(), false).await.unwrap();
@@ -234,9 +232,9 @@ async fn partial_writes_over_a_snapshot_keep_the_rest_of_the_block(io: Arc<dyn D
     assert_matches(&r, &model).await;
 }
 
-async fn concurrent_partial_writes_into_one_snapshot_block(io: Arc<dyn DiskIo>) {
+async fn concurrent_partial_writes_into_one_snapshot_block(disk: Disk) {
     let size = MIB;
-    let (_dir, _store, r) = fresh_volume(&io, size).await;
+    let (_dir, _store, r) = fresh_volume(&disk, size).await;
     let mut model = Model::new(size);
     let base = pattern(50, 4 * BLOCK_SIZE as usize);
     r.write(0, base.clone(), false).await.unwrap();
@@ -263,9 +261,9 @@ async fn concurrent_partial_writes_into_one_snapshot_block(io: Arc<dyn DiskIo>) 
     assert_matches(&r, &model).await;
 }
 
-async fn zeroing_over_snapshots_hides_old_data(io: Arc<dyn DiskIo>) {
+async fn zeroing_over_snapshots_hides_old_data(disk: Disk) {
     let size = 4 * MIB;
-    let (dir, store, r) = fresh_volume(&io, size).await;
+    let (dir, store, r) = fresh_volume(&disk, size).await;
     let mut model = Model::new(size);
     let data = pattern(70, 2 * MIB as usize);
     r.write(0, data.clone(), false).await.unwrap();
@@ -293,14 +291,14 @@ async fn zeroing_over_snapshots_hides_old_data(io: Arc<dyn DiskIo>) {
 
     // The zeros are real data in the upper layers: they survive a reopen.
     drop((r, store));
-    let store = super::open_store(dir.path(), &io);
+    let store = super::open_store(dir.path(), &disk);
     let r = store.get(&super::name("vol")).unwrap();
     assert_matches(&r, &model).await;
 }
 
-async fn writes_racing_a_snapshot_are_never_lost(io: Arc<dyn DiskIo>) {
+async fn writes_racing_a_snapshot_are_never_lost(disk: Disk) {
     let size = 4 * MIB;
-    let (_dir, _store, r) = fresh_volume(&io, size).await;
+    let (_dir, _store, r) = fresh_volume(&disk, size).await;
     // Writers keep writing distinct blocks (some partial, over data the
     // first snapshot freezes) while snapshots are taken.
     let base = pattern(80, size as usize);
@@ -338,10 +336,9 @@ async fn writes_racing_a_snapshot_are_never_lost(io: Arc<dyn DiskIo>) {
     assert_matches(&r, &model).await;
 }
 
-async fn snapshot_waits_for_writes_in_flight(io: Arc<dyn DiskIo>) {
-    let held = HeldWrites::new(io.clone());
-    let held_io: Arc<dyn DiskIo> = held.clone();
-    let (dir, store, r) = fresh_volume(&held_io, MIB).await;
+async fn snapshot_waits_for_writes_in_flight(disk: Disk) {
+    let held = HeldWrites::new(disk.io.clone());
+    let (dir, store, r) = fresh_volume(&disk.with_io(held.clone()), MIB).await;
     held.arm();
     let early = pattern(100, 6000);
     let write = tokio::spawn({
@@ -382,7 +379,7 @@ async fn snapshot_waits_for_writes_in_flight(io: Arc<dyn DiskIo>) {
     assert_eq!(blocks(head), [10]);
     assert_eq!(r.read(2 * BLOCK_SIZE + 5, 6000).await.unwrap(), early);
     drop((r, store));
-    let store = super::open_store(dir.path(), &io);
+    let store = super::open_store(dir.path(), &disk);
     let r = store.get(&super::name("vol")).unwrap();
     assert_eq!(r.read(2 * BLOCK_SIZE + 5, 6000).await.unwrap(), early);
     assert_eq!(
@@ -391,8 +388,8 @@ async fn snapshot_waits_for_writes_in_flight(io: Arc<dyn DiskIo>) {
     );
 }
 
-async fn flush_and_fua_succeed(io: Arc<dyn DiskIo>) {
-    let (_dir, _store, r) = fresh_volume(&io, MIB).await;
+async fn flush_and_fua_succeed(disk: Disk) {
+    let (_dir, _store, r) = fresh_volume(&disk, MIB).await;
     r.write(4096, pattern(90, 8192), true).await.unwrap();
     r.flush().await.unwrap();
     r.snapshot().await.unwrap();

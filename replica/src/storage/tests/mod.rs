@@ -1,6 +1,11 @@
 //! Tests of the storage layer against real files in temporary directories.
-//! Every test here runs once per IO engine (`sync_io::*`, `uring_io::*`);
-//! the uring run fails, never skips, if io_uring is unavailable.
+//! Every test here runs once per IO engine and way of opening layer files:
+//! `sync_io::*` and `uring_io::*` with O_DIRECT files (as a replica daemon
+//! runs), `sync_buffered::*` and `uring_buffered::*` on a store whose
+//! filesystem refuses O_DIRECT, so the buffered fallback is exercised. The
+//! uring variants also cover both runtime flavours: the daemon's default
+//! single thread for O_DIRECT, several worker threads for buffered.
+//! The uring runs fail, never skip, if io_uring is unavailable.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -9,29 +14,33 @@ use bytes::Bytes;
 use rand::{Rng, SeedableRng};
 use shorthorn_proto::VolumeName;
 
+use super::layer::LayerOpener;
 use super::{open_io, DiskIo, IoEngineChoice, Replica, Store};
 
-/// Declares, for each named `async fn(Arc<dyn DiskIo>)` in the invoking
-/// module, one test per engine.
+/// Declares one test per engine and file mode for each named
+/// `async fn(Disk)` in the invoking module.
 macro_rules! for_each_engine {
     ($($test:ident),* $(,)?) => {
-        mod sync_io {
+        engine_variant!(sync_io, Sync, false,
+            [tokio::test(flavor = "multi_thread", worker_threads = 2)]; $($test),*);
+        engine_variant!(uring_io, Uring, false,
+            [tokio::test(flavor = "current_thread")]; $($test),*);
+        engine_variant!(sync_buffered, Sync, true,
+            [tokio::test(flavor = "current_thread")]; $($test),*);
+        engine_variant!(uring_buffered, Uring, true,
+            [tokio::test(flavor = "multi_thread", worker_threads = 2)]; $($test),*);
+    };
+}
+
+macro_rules! engine_variant {
+    ($module:ident, $engine:ident, $buffered:expr, [$attr:meta]; $($test:ident),*) => {
+        mod $module {
             $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                #[$attr]
                 async fn $test() {
-                    super::$test($crate::storage::tests::engine(
-                        $crate::storage::IoEngineChoice::Sync,
-                    ))
-                    .await
-                }
-            )*
-        }
-        mod uring_io {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test($crate::storage::tests::engine(
-                        $crate::storage::IoEngineChoice::Uring,
+                    super::$test($crate::storage::tests::Disk::new(
+                        $crate::storage::IoEngineChoice::$engine,
+                        $buffered,
                     ))
                     .await
                 }
@@ -42,11 +51,36 @@ macro_rules! for_each_engine {
 
 mod datapath_tests;
 mod store_tests;
+mod unaligned_tests;
 
-pub(crate) fn engine(choice: IoEngineChoice) -> Arc<dyn DiskIo> {
-    let io = open_io(choice).unwrap_or_else(|e| panic!("IO engine {choice} must start: {e}"));
-    assert_eq!(io.name(), choice.to_string());
-    io
+/// What a test runs on: an IO engine, and how the store opens layer files.
+#[derive(Clone)]
+pub(crate) struct Disk {
+    pub io: Arc<dyn DiskIo>,
+    /// As on a filesystem that refuses O_DIRECT: layer files are buffered.
+    pub buffered: bool,
+}
+
+impl Disk {
+    /// With O_DIRECT files the engine is wrapped in [`StrictAlignment`].
+    pub fn new(choice: IoEngineChoice, buffered: bool) -> Disk {
+        let io = open_io(choice).unwrap_or_else(|e| panic!("IO engine {choice} must start: {e}"));
+        assert_eq!(io.name(), choice.to_string());
+        let io: Arc<dyn DiskIo> = if buffered {
+            io
+        } else {
+            Arc::new(StrictAlignment(io))
+        };
+        Disk { io, buffered }
+    }
+
+    /// The same file mode over another engine (a wrapper of this one).
+    pub fn with_io(&self, io: Arc<dyn DiskIo>) -> Disk {
+        Disk {
+            io,
+            buffered: self.buffered,
+        }
+    }
 }
 
 pub(crate) const MIB: u64 = 1 << 20;
@@ -55,19 +89,25 @@ pub(crate) fn name(s: &str) -> VolumeName {
     VolumeName::new(s).unwrap()
 }
 
-pub(crate) fn open_store(dir: &Path, io: &Arc<dyn DiskIo>) -> Store {
-    Store::open(dir, io.clone()).unwrap()
+pub(crate) fn open_store(dir: &Path, disk: &Disk) -> Store {
+    if disk.buffered {
+        Store::open_with_opener(dir, disk.io.clone(), LayerOpener::refusing_direct()).unwrap()
+    } else {
+        Store::open(dir, disk.io.clone()).unwrap()
+    }
 }
 
 /// A fresh store in a temp dir with one volume of `size` bytes.
 pub(crate) async fn fresh_volume(
-    io: &Arc<dyn DiskIo>,
+    disk: &Disk,
     size: u64,
 ) -> (tempfile::TempDir, Store, Arc<Replica>) {
     let dir = tempfile::tempdir().unwrap();
-    let store = open_store(dir.path(), io);
+    let store = open_store(dir.path(), disk);
     let (r, created) = store.create_volume(&name("vol"), size).await.unwrap();
     assert!(created);
+    assert_eq!(r.chain.load().head().direct, !disk.buffered);
+    assert_eq!(store.direct_io(), !disk.buffered);
     (dir, store, r)
 }
 
@@ -161,7 +201,7 @@ impl DiskIo for HeldWrites {
         file: Arc<std::fs::File>,
         offset: u64,
         len: usize,
-    ) -> super::IoFuture<bytes::BytesMut> {
+    ) -> super::IoFuture<super::AlignedBuf> {
         self.inner.read_at(file, offset, len)
     }
 
@@ -186,5 +226,59 @@ impl DiskIo for HeldWrites {
 
     fn punch_hole(&self, file: Arc<std::fs::File>, offset: u64, len: u64) -> super::IoFuture<()> {
         self.inner.punch_hole(file, offset, len)
+    }
+}
+
+/// Refuses, with EINVAL, any IO not aligned to 4 KiB in offset, length and
+/// memory. The kernel is laxer (512-byte sectors suffice on most disks, and
+/// ext4 quietly serves unaligned O_DIRECT through the page cache), so this
+/// is what proves the data path only ever sends whole, aligned blocks to
+/// O_DIRECT files.
+pub(crate) struct StrictAlignment(pub Arc<dyn DiskIo>);
+
+fn misaligned<T: Send + 'static>(what: &str, offset: u64, len: usize) -> super::IoFuture<T> {
+    let e = std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        format!("unaligned O_DIRECT {what}: {len} bytes at {offset}"),
+    );
+    Box::pin(std::future::ready(Err(e)))
+}
+
+impl DiskIo for StrictAlignment {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+
+    fn read_at(
+        &self,
+        file: Arc<std::fs::File>,
+        offset: u64,
+        len: usize,
+    ) -> super::IoFuture<super::AlignedBuf> {
+        let a = super::io::IO_ALIGN;
+        if !offset.is_multiple_of(a as u64) || !len.is_multiple_of(a) {
+            return misaligned("read", offset, len);
+        }
+        self.0.read_at(file, offset, len)
+    }
+
+    fn write_at(&self, file: Arc<std::fs::File>, offset: u64, data: Bytes) -> super::IoFuture<()> {
+        let a = super::io::IO_ALIGN;
+        if !offset.is_multiple_of(a as u64) || !super::io::aligned::is_aligned(&data) {
+            return misaligned("write", offset, data.len());
+        }
+        self.0.write_at(file, offset, data)
+    }
+
+    fn sync_data(&self, file: Arc<std::fs::File>) -> super::IoFuture<()> {
+        self.0.sync_data(file)
+    }
+
+    fn punch_hole(&self, file: Arc<std::fs::File>, offset: u64, len: u64) -> super::IoFuture<()> {
+        let a = super::io::IO_ALIGN as u64;
+        if !offset.is_multiple_of(a) || !len.is_multiple_of(a) {
+            return misaligned("punch", offset, len as usize);
+        }
+        self.0.punch_hole(file, offset, len)
     }
 }

@@ -5,9 +5,9 @@ use std::sync::Arc;
 
 use shorthorn_proto::{ErrorCode, Generation, VolumeName};
 
-use super::{assert_matches, fresh_volume, name, open_store, pattern, Model, MIB};
+use super::{assert_matches, fresh_volume, name, open_store, pattern, Disk, Model, MIB};
 use crate::storage::meta::{Meta, META_FILE, META_TMP_FILE};
-use crate::storage::{open_io, DiskIo, IoEngineChoice, StorageError, Store, BLOCK_SIZE};
+use crate::storage::{open_io, IoEngineChoice, StorageError, Store, BLOCK_SIZE};
 
 for_each_engine!(
     reopen_recovers_data_generation_chain_and_maps,
@@ -20,9 +20,9 @@ for_each_engine!(
     a_broken_volume_does_not_stop_the_others,
 );
 
-async fn reopen_recovers_data_generation_chain_and_maps(io: Arc<dyn DiskIo>) {
+async fn reopen_recovers_data_generation_chain_and_maps(disk: Disk) {
     let size = 4 * MIB;
-    let (dir, store, r) = fresh_volume(&io, size).await;
+    let (dir, store, r) = fresh_volume(&disk, size).await;
     let mut model = Model::new(size);
     let writes: [(u64, usize); 5] = [
         (0, 3 * BLOCK_SIZE as usize),
@@ -46,7 +46,7 @@ async fn reopen_recovers_data_generation_chain_and_maps(io: Arc<dyn DiskIo>) {
     assert!(maps.iter().all(|(_, m)| m.is_some()));
     drop((r, store));
 
-    let store = open_store(dir.path(), &io);
+    let store = open_store(dir.path(), &disk);
     let r = store.get(&name("vol")).unwrap();
     assert_eq!(r.size(), size);
     assert_eq!(r.generation(), Generation(42));
@@ -64,8 +64,8 @@ async fn reopen_recovers_data_generation_chain_and_maps(io: Arc<dyn DiskIo>) {
     assert_matches(&r, &model).await;
 }
 
-async fn generation_is_persisted_and_never_goes_back(io: Arc<dyn DiskIo>) {
-    let (dir, store, r) = fresh_volume(&io, MIB).await;
+async fn generation_is_persisted_and_never_goes_back(disk: Disk) {
+    let (dir, store, r) = fresh_volume(&disk, MIB).await;
     assert_eq!(r.generation(), Generation(0));
     r.set_generation(Generation(5), "engine-a").await.unwrap();
     r.set_generation(Generation(5), "engine-a").await.unwrap();
@@ -86,16 +86,16 @@ async fn generation_is_persisted_and_never_goes_back(io: Arc<dyn DiskIo>) {
     let meta = Meta::load(&dir.path().join("volumes/vol"), "vol").unwrap();
     assert_eq!(meta.generation, 5);
     drop((r, store));
-    let store = open_store(dir.path(), &io);
+    let store = open_store(dir.path(), &disk);
     let r = store.get(&name("vol")).unwrap();
     assert_eq!(r.generation(), Generation(5));
     assert!(r.set_generation(Generation(4), "engine-a").await.is_err());
     r.set_generation(Generation(6), "engine-a").await.unwrap();
 }
 
-async fn create_is_idempotent_and_refuses_conflicts(io: Arc<dyn DiskIo>) {
+async fn create_is_idempotent_and_refuses_conflicts(disk: Disk) {
     let dir = tempfile::tempdir().unwrap();
-    let store = open_store(dir.path(), &io);
+    let store = open_store(dir.path(), &disk);
     let (a, created) = store.create_volume(&name("b-vol"), MIB).await.unwrap();
     assert!(created);
     a.write(0, pattern(1, 100), false).await.unwrap();
@@ -129,10 +129,10 @@ async fn create_is_idempotent_and_refuses_conflicts(io: Arc<dyn DiskIo>) {
     assert!(x.unwrap().1 ^ y.unwrap().1);
 }
 
-async fn bad_sizes_and_names_create_nothing(io: Arc<dyn DiskIo>) {
+async fn bad_sizes_and_names_create_nothing(disk: Disk) {
     let outer = tempfile::tempdir().unwrap();
     let data = outer.path().join("data");
-    let store = open_store(&data, &io);
+    let store = open_store(&data, &disk);
     for size in [0, 1000, BLOCK_SIZE + 1, u64::MAX - 4095] {
         let err = store.create_volume(&name("v"), size).await.unwrap_err();
         assert!(matches!(err, StorageError::Invalid(_)), "{size}: {err:?}");
@@ -158,8 +158,8 @@ async fn bad_sizes_and_names_create_nothing(io: Arc<dyn DiskIo>) {
     assert_eq!(inside, ["x..y"]);
 }
 
-async fn delete_removes_the_volume_and_stops_its_handles(io: Arc<dyn DiskIo>) {
-    let (dir, store, r) = fresh_volume(&io, MIB).await;
+async fn delete_removes_the_volume_and_stops_its_handles(disk: Disk) {
+    let (dir, store, r) = fresh_volume(&disk, MIB).await;
     r.write(0, pattern(3, 4096), false).await.unwrap();
     store.delete_volume(&name("vol")).await.unwrap();
     assert!(matches!(
@@ -185,8 +185,8 @@ async fn delete_removes_the_volume_and_stops_its_handles(io: Arc<dyn DiskIo>) {
     assert!(fresh.read(0, 4096).await.unwrap().iter().all(|&b| b == 0));
 }
 
-async fn metadata_is_replaced_atomically(io: Arc<dyn DiskIo>) {
-    let (dir, _store, r) = fresh_volume(&io, MIB).await;
+async fn metadata_is_replaced_atomically(disk: Disk) {
+    let (dir, _store, r) = fresh_volume(&disk, MIB).await;
     let vdir = dir.path().join("volumes/vol");
     let check = |generation: u64, layers: Vec<u64>| {
         assert!(!vdir.join(META_TMP_FILE).exists());
@@ -223,8 +223,8 @@ async fn metadata_is_replaced_atomically(io: Arc<dyn DiskIo>) {
     );
 }
 
-async fn leftovers_of_crashes_are_swept_at_open(io: Arc<dyn DiskIo>) {
-    let (dir, store, r) = fresh_volume(&io, MIB).await;
+async fn leftovers_of_crashes_are_swept_at_open(disk: Disk) {
+    let (dir, store, r) = fresh_volume(&disk, MIB).await;
     r.write(0, pattern(4, 100), false).await.unwrap();
     drop((r, store));
     let volumes = dir.path().join("volumes");
@@ -235,7 +235,7 @@ async fn leftovers_of_crashes_are_swept_at_open(io: Arc<dyn DiskIo>) {
     fs::create_dir_all(volumes.join(".del-gone")).unwrap();
     fs::write(volumes.join("vol/layer-2.img"), b"").unwrap();
     fs::write(volumes.join("vol").join(META_TMP_FILE), b"{").unwrap();
-    let store = open_store(dir.path(), &io);
+    let store = open_store(dir.path(), &disk);
     assert!(!volumes.join(".tmp-half").exists());
     assert!(!volumes.join(".del-gone").exists());
     assert!(!volumes.join("vol/layer-2.img").exists());
@@ -247,16 +247,16 @@ async fn leftovers_of_crashes_are_swept_at_open(io: Arc<dyn DiskIo>) {
     assert_eq!(r.layer_ids().last().unwrap().0, 2);
 }
 
-async fn a_broken_volume_does_not_stop_the_others(io: Arc<dyn DiskIo>) {
+async fn a_broken_volume_does_not_stop_the_others(disk: Disk) {
     let dir = tempfile::tempdir().unwrap();
-    let store = open_store(dir.path(), &io);
+    let store = open_store(dir.path(), &disk);
     store.create_volume(&name("good"), MIB).await.unwrap();
     store.create_volume(&name("bad"), MIB).await.unwrap();
     drop(store);
     let volumes = dir.path().join("volumes");
     fs::write(volumes.join("bad").join(META_FILE), b"garbage").unwrap();
     fs::write(volumes.join("stray-file"), b"").unwrap();
-    let store = open_store(dir.path(), &io);
+    let store = open_store(dir.path(), &disk);
     let names: Vec<String> = store.list().iter().map(|r| r.name().to_string()).collect();
     assert_eq!(names, ["good"]);
     // The broken one is neither served nor silently replaced.

@@ -1,0 +1,164 @@
+//! [`AlignedBuf`]: heap memory aligned to [`IO_ALIGN`], as O_DIRECT wants.
+//!
+//! Layer files are opened with O_DIRECT, which makes the kernel DMA straight
+//! from and into the caller's memory: buffer address, file offset and length
+//! must all be multiples of the device's logical block size. 4096 covers
+//! every device in practice (512 and 4096 are the only sizes seen) and is
+//! also the volume's block size, so one constant serves both.
+//!
+//! Reads land in an `AlignedBuf` and leave as [`Bytes`] without a copy
+//! ([`AlignedBuf::into_bytes`]); writes whose payload is not aligned are
+//! copied into one first.
+
+use std::alloc::Layout;
+use std::ops::{Deref, DerefMut};
+use std::ptr::NonNull;
+
+use bytes::Bytes;
+
+/// Alignment of memory, offsets and lengths for O_DIRECT IO.
+pub const IO_ALIGN: usize = 4096;
+
+/// An owned, fixed-length byte buffer whose memory starts on an
+/// [`IO_ALIGN`] boundary.
+pub struct AlignedBuf {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the buffer owns its allocation outright, like a `Box<[u8]>`.
+unsafe impl Send for AlignedBuf {}
+// SAFETY: shared access only reads through `&[u8]`.
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    fn layout(len: usize) -> Layout {
+        Layout::from_size_align(len, IO_ALIGN).expect("IO buffer length fits a Layout")
+    }
+
+    /// `len` zero bytes.
+    pub fn zeroed(len: usize) -> AlignedBuf {
+        if len == 0 {
+            return AlignedBuf::empty();
+        }
+        let layout = AlignedBuf::layout(len);
+        // SAFETY: `layout` has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr = NonNull::new(ptr).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        AlignedBuf { ptr, len }
+    }
+
+    /// A copy of `src` in aligned memory.
+    pub fn copy_from(src: &[u8]) -> AlignedBuf {
+        let len = src.len();
+        if len == 0 {
+            return AlignedBuf::empty();
+        }
+        let layout = AlignedBuf::layout(len);
+        // SAFETY: `layout` has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc(layout) };
+        let ptr = NonNull::new(ptr).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        // SAFETY: both regions are `len` bytes long and cannot overlap (the
+        // destination was just allocated); afterwards every byte is
+        // initialised.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), ptr.as_ptr(), len) };
+        AlignedBuf { ptr, len }
+    }
+
+    fn empty() -> AlignedBuf {
+        // A zero-length slice may start anywhere non-null; this one is even
+        // aligned, so `is_aligned` holds for every `AlignedBuf`.
+        let ptr = NonNull::new(IO_ALIGN as *mut u8).expect("non-null");
+        AlignedBuf { ptr, len: 0 }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Turns the buffer into [`Bytes`] that own it: no copy.
+    pub fn into_bytes(self) -> Bytes {
+        Bytes::from_owner(self)
+    }
+}
+
+/// Whether `data` may be handed to an O_DIRECT write as it is.
+pub fn is_aligned(data: &[u8]) -> bool {
+    (data.as_ptr() as usize).is_multiple_of(IO_ALIGN) && data.len().is_multiple_of(IO_ALIGN)
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        if self.len != 0 {
+            // SAFETY: allocated in `zeroed` or `copy_from` with this layout.
+            unsafe { std::alloc::dealloc(self.ptr.as_ptr(), AlignedBuf::layout(self.len)) };
+        }
+    }
+}
+
+impl Deref for AlignedBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `len` initialised bytes owned by `self` (or none).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl DerefMut for AlignedBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `deref`, and `&mut self` makes the access unique.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl AsRef<[u8]> for AlignedBuf {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
+
+impl std::fmt::Debug for AlignedBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AlignedBuf({} bytes)", self.len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_are_aligned_and_hold_their_bytes() {
+        for len in [0, 1, 511, 4096, 3 * 4096 + 7, 1 << 20] {
+            let z = AlignedBuf::zeroed(len);
+            assert_eq!(z.len(), len);
+            assert!((z.as_ptr() as usize).is_multiple_of(IO_ALIGN));
+            assert!(z.iter().all(|&b| b == 0));
+            let src: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let mut c = AlignedBuf::copy_from(&src);
+            assert!((c.as_ptr() as usize).is_multiple_of(IO_ALIGN));
+            assert_eq!(&c[..], &src[..]);
+            if len > 0 {
+                c[len - 1] = 0xFF;
+                assert_eq!(c[len - 1], 0xFF);
+            }
+            let bytes = c.into_bytes();
+            assert_eq!(bytes.len(), len);
+            assert!((bytes.as_ptr() as usize).is_multiple_of(IO_ALIGN));
+        }
+    }
+
+    #[test]
+    fn alignment_check() {
+        let buf = AlignedBuf::zeroed(8192);
+        assert!(is_aligned(&buf));
+        assert!(is_aligned(&buf[4096..]));
+        assert!(!is_aligned(&buf[..100]));
+        assert!(!is_aligned(&buf[512..4608]));
+        assert!(is_aligned(&buf[..0]));
+    }
+}
