@@ -1,10 +1,12 @@
 //! The one boundary between the replica and its disk: [`DiskIo`].
 //!
-//! Two engines implement it: `uring` (one thread driving an io_uring, many
-//! requests per syscall) and `sync` (pread/pwrite on tokio's blocking pool).
-//! [`open_io`] picks one at start-up; nothing above this module knows which
-//! runs. No implementation may block the async reactor: every syscall
-//! happens on a thread of its own.
+//! Two engines implement it: `uring` (an io_uring driven by a task of the
+//! async runtime, many requests per syscall) and `sync` (pread/pwrite on
+//! tokio's blocking pool). [`open_io`] picks one at start-up; nothing above
+//! this module knows which runs. No implementation may block the async
+//! reactor: the uring engine only ever enters the kernel to submit and
+//! never waits there, the sync engine runs every syscall on a thread of
+//! its own.
 //!
 //! Layer files are opened with O_DIRECT where the filesystem allows it, so
 //! the engines pass memory straight to the device: reads land in
@@ -40,7 +42,8 @@ pub use uring::UringIo;
 pub type IoFuture<T> = Pin<Box<dyn Future<Output = std::io::Result<T>> + Send>>;
 
 /// Positioned disk IO on open files. Futures must be polled inside a tokio
-/// runtime. A future that is dropped early may still complete its IO.
+/// runtime. A future that is dropped early may still complete its IO; one
+/// never polled may not start it.
 pub trait DiskIo: Send + Sync + 'static {
     /// `"uring"` or `"sync"`.
     fn name(&self) -> &'static str;

@@ -215,7 +215,8 @@ impl DiskIo for HeldWrites {
         Box::pin(async move {
             entered.notify_one();
             gate.acquire().await.expect("gate open").forget();
-            // Only now: the uring engine submits when called, not when polled.
+            // Only now: the inner engine may start the write as soon as it is
+            // called.
             inner.write_at(file, offset, data).await
         })
     }
