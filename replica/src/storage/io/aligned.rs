@@ -13,11 +13,20 @@
 use std::alloc::Layout;
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
+use std::sync::Mutex;
 
 use bytes::Bytes;
 
 /// Alignment of memory, offsets and lengths for O_DIRECT IO.
 pub const IO_ALIGN: usize = 4096;
+
+/// Freed one-block buffers (their addresses), reused before asking the
+/// allocator again. Nearly every IO needs one, and glibc's aligned
+/// allocation splits and re-merges heap chunks on each call: without the
+/// pool, allocator functions took ~5% of a replica daemon's CPU under 4 KiB
+/// random writes. At most [`POOL_MAX`] are kept (2 MiB).
+static POOL: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+const POOL_MAX: usize = 512;
 
 /// An owned, fixed-length byte buffer whose memory starts on an
 /// [`IO_ALIGN`] boundary.
@@ -36,15 +45,30 @@ impl AlignedBuf {
         Layout::from_size_align(len, IO_ALIGN).expect("IO buffer length fits a Layout")
     }
 
+    /// Memory for `len` (> 0) bytes, uninitialised: from the pool when it
+    /// is one block, else from the allocator.
+    fn allocate(len: usize) -> NonNull<u8> {
+        if len == IO_ALIGN {
+            let pooled = POOL.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            if let Some(addr) = pooled {
+                return NonNull::new(addr as *mut u8).expect("pooled buffers are non-null");
+            }
+        }
+        let layout = AlignedBuf::layout(len);
+        // SAFETY: `layout` has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc(layout) };
+        NonNull::new(ptr).unwrap_or_else(|| std::alloc::handle_alloc_error(layout))
+    }
+
     /// `len` zero bytes.
     pub fn zeroed(len: usize) -> AlignedBuf {
         if len == 0 {
             return AlignedBuf::empty();
         }
-        let layout = AlignedBuf::layout(len);
-        // SAFETY: `layout` has a non-zero size.
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        let ptr = NonNull::new(ptr).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        let ptr = AlignedBuf::allocate(len);
+        // SAFETY: `ptr` points to `len` writable bytes we own; afterwards
+        // every byte is initialised.
+        unsafe { std::ptr::write_bytes(ptr.as_ptr(), 0, len) };
         AlignedBuf { ptr, len }
     }
 
@@ -54,13 +78,9 @@ impl AlignedBuf {
         if len == 0 {
             return AlignedBuf::empty();
         }
-        let layout = AlignedBuf::layout(len);
-        // SAFETY: `layout` has a non-zero size.
-        let ptr = unsafe { std::alloc::alloc(layout) };
-        let ptr = NonNull::new(ptr).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        let ptr = AlignedBuf::allocate(len);
         // SAFETY: both regions are `len` bytes long and cannot overlap (the
-        // destination was just allocated); afterwards every byte is
-        // initialised.
+        // destination is ours alone); afterwards every byte is initialised.
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), ptr.as_ptr(), len) };
         AlignedBuf { ptr, len }
     }
@@ -93,10 +113,19 @@ pub fn is_aligned(data: &[u8]) -> bool {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        if self.len != 0 {
-            // SAFETY: allocated in `zeroed` or `copy_from` with this layout.
-            unsafe { std::alloc::dealloc(self.ptr.as_ptr(), AlignedBuf::layout(self.len)) };
+        if self.len == 0 {
+            return;
         }
+        if self.len == IO_ALIGN {
+            let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+            if pool.len() < POOL_MAX {
+                pool.push(self.ptr.as_ptr() as usize);
+                return;
+            }
+        }
+        // SAFETY: allocated in `allocate` with this layout (pooled buffers
+        // all have the one-block layout).
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), AlignedBuf::layout(self.len)) };
     }
 }
 
@@ -150,6 +179,30 @@ mod tests {
             assert_eq!(bytes.len(), len);
             assert!((bytes.as_ptr() as usize).is_multiple_of(IO_ALIGN));
         }
+    }
+
+    #[test]
+    fn pooled_buffers_come_back_clean() {
+        // Dirty a few one-block buffers, free them into the pool, and take
+        // them out again: zeroed means zeroed, copies are exact.
+        let dirty: Vec<AlignedBuf> = (0..8)
+            .map(|_| AlignedBuf::copy_from(&[0xAB; IO_ALIGN]))
+            .collect();
+        drop(dirty);
+        for _ in 0..8 {
+            let z = AlignedBuf::zeroed(IO_ALIGN);
+            assert!((z.as_ptr() as usize).is_multiple_of(IO_ALIGN));
+            assert!(z.iter().all(|&b| b == 0));
+        }
+        let src: Vec<u8> = (0..IO_ALIGN).map(|i| i as u8).collect();
+        assert_eq!(&AlignedBuf::copy_from(&src)[..], &src[..]);
+        // Many more than the pool keeps, freed at once: the rest go back to
+        // the allocator.
+        let many: Vec<AlignedBuf> = (0..2 * POOL_MAX)
+            .map(|_| AlignedBuf::zeroed(IO_ALIGN))
+            .collect();
+        drop(many);
+        assert!(POOL.lock().unwrap().len() <= POOL_MAX);
     }
 
     #[test]
