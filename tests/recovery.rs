@@ -115,8 +115,9 @@ fn engine_killed_mid_write_is_reconciled_cheaply() {
     create_volume("crash", "1GiB", &[&a, &b]);
     let mut engine = Engine::start(tmp.path(), "crash", &[&a, &b]);
     qemu_io(&engine.uri(), &["write -P 0x5a 512M 8M", "flush"]);
-    // Let the engine clean the regions it just wrote.
-    std::thread::sleep(Duration::from_millis(800));
+    // Let the engine clean the regions it just wrote (it waits until a
+    // region has been idle for about a second).
+    std::thread::sleep(Duration::from_millis(2500));
     let fio = Fio::start(
         tmp.path(),
         "crash",
@@ -162,7 +163,7 @@ fn short_outage_is_repaired_by_delta_rebuild() {
     create_volume("delta", "256MiB", &[&a, &b]);
     let engine = Engine::start(tmp.path(), "delta", &[&a, &b]);
     qemu_io(&engine.uri(), &["write -P 0x11 0 256M", "flush"]);
-    std::thread::sleep(Duration::from_millis(800));
+    std::thread::sleep(Duration::from_millis(2500));
 
     b.proc.kill9();
     let outage: [(u64, u64); 4] = [

@@ -35,6 +35,11 @@ const HASH_CHUNK: u32 = 64 * 1024;
 /// How often the recovery loop looks at out replicas and cleans.
 const TICK: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A region is cleaned only after this many clean passes (of
+/// [`CLEAN_EVERY`] recovery ticks each) without a write: about a second.
+const CLEAN_MIN_IDLE_TICKS: u32 = 2;
+/// Recovery ticks per clean pass.
+const CLEAN_EVERY: u32 = 3;
 /// Regions a rebuild compares and copies at once.
 const REBUILD_PARALLEL: usize = 4;
 
@@ -187,7 +192,8 @@ impl Volume {
         }
         let calls: Vec<_> = {
             let _no_writes_between = self.gate.write().unwrap();
-            let Some(bitmap) = self.tracker.take_cleanable() else {
+            self.tracker.tick();
+            let Some(bitmap) = self.tracker.take_cleanable(CLEAN_MIN_IDLE_TICKS) else {
                 return;
             };
             let bitmap = bytes::Bytes::from(bitmap);
@@ -218,6 +224,7 @@ impl Volume {
         tokio::spawn(async move {
             let mut next_try: std::collections::HashMap<String, (Instant, Duration)> =
                 Default::default();
+            let mut ticks: u32 = 0;
             loop {
                 let Some(v) = weak.upgrade() else { return };
                 tokio::select! {
@@ -227,7 +234,10 @@ impl Volume {
                 if v.check_fenced().is_err() {
                     return;
                 }
-                v.clean_idle_regions().await;
+                ticks = ticks.wrapping_add(1);
+                if ticks % CLEAN_EVERY == 0 {
+                    v.clean_idle_regions().await;
+                }
                 let out: Vec<Arc<Slot>> = v
                     .slots
                     .load()

@@ -12,6 +12,12 @@ pub struct WriteTracker {
     region_size: u64,
     in_flight: Box<[AtomicU32]>,
     touched: Box<[AtomicU64]>,
+    /// The cleaner's clock (one tick per clean pass) and, per region, the
+    /// tick of its last write: a region still being written is left dirty,
+    /// so a busy region does not cost its replicas a dirty-map sync every
+    /// time it is cleaned and written again.
+    clock: AtomicU32,
+    last_write: Box<[AtomicU32]>,
 }
 
 impl WriteTracker {
@@ -23,6 +29,8 @@ impl WriteTracker {
             touched: (0..regions.div_ceil(64))
                 .map(|_| AtomicU64::new(0))
                 .collect(),
+            clock: AtomicU32::new(0),
+            last_write: (0..regions).map(|_| AtomicU32::new(0)).collect(),
         }
     }
 
@@ -41,7 +49,9 @@ impl WriteTracker {
     }
 
     pub fn begin(&self, offset: u64, len: u64) {
+        let now = self.clock.load(Ordering::Relaxed);
         for r in self.span(offset, len) {
+            self.last_write[r].store(now, Ordering::Relaxed);
             self.in_flight[r].fetch_add(1, Ordering::AcqRel);
             self.touched[r / 64].fetch_or(1 << (r % 64), Ordering::AcqRel);
         }
@@ -53,11 +63,18 @@ impl WriteTracker {
         }
     }
 
-    /// Regions written since the last call and idle now, as a bitmap (one
-    /// bit per region, LSB first); they stop counting as touched. The caller
-    /// must hold off new writes while it queues the clean (the volume's
-    /// gate), or a write could slip in between the check and the clean.
-    pub fn take_cleanable(&self) -> Option<Vec<u8>> {
+    /// Advances the clock by one clean pass.
+    pub fn tick(&self) {
+        self.clock.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Regions written since the last clean, idle now and not written for
+    /// `min_idle` ticks, as a bitmap (one bit per region, LSB first); they
+    /// stop counting as touched. The caller must hold off new writes while
+    /// it queues the clean (the volume's gate), or a write could slip in
+    /// between the check and the clean.
+    pub fn take_cleanable(&self, min_idle: u32) -> Option<Vec<u8>> {
+        let now = self.clock.load(Ordering::Relaxed);
         let mut out = vec![0u8; self.in_flight.len().div_ceil(8)];
         let mut any = false;
         for (w, word) in self.touched.iter().enumerate() {
@@ -68,7 +85,11 @@ impl WriteTracker {
             let mut take = 0u64;
             for b in 0..64 {
                 let r = w * 64 + b;
-                if bits & (1 << b) != 0 && self.in_flight[r].load(Ordering::Acquire) == 0 {
+                if bits & (1 << b) == 0 {
+                    continue;
+                }
+                let idle = now.wrapping_sub(self.last_write[r].load(Ordering::Relaxed)) >= min_idle;
+                if idle && self.in_flight[r].load(Ordering::Acquire) == 0 {
                     take |= 1 << b;
                     out[r / 8] |= 1 << (r % 8);
                 }
@@ -115,18 +136,20 @@ mod tests {
     fn only_idle_touched_regions_are_cleanable() {
         let t = WriteTracker::new(10 << 20, 2 << 20);
         assert_eq!(t.regions(), 5);
-        assert_eq!(t.take_cleanable(), None);
+        assert_eq!(t.take_cleanable(0), None);
         t.begin(0, 4096);
         t.begin((2 << 20) - 1, 2); // regions 0 and 1
         t.end(0, 4096);
         // Region 1 still has a write in flight, region 0 too (the second).
-        assert_eq!(t.take_cleanable(), None);
+        assert_eq!(t.take_cleanable(0), None);
         t.end((2 << 20) - 1, 2);
-        assert_eq!(t.take_cleanable(), Some(vec![0b11]));
-        assert_eq!(t.take_cleanable(), None, "cleaned regions are forgotten");
+        assert_eq!(t.take_cleanable(1), None, "written this tick: too fresh");
+        t.tick();
+        assert_eq!(t.take_cleanable(1), Some(vec![0b11]));
+        assert_eq!(t.take_cleanable(0), None, "cleaned regions are forgotten");
         t.begin(9 << 20, 1 << 20);
         t.end(9 << 20, 1 << 20);
-        assert_eq!(t.take_cleanable(), Some(vec![0b1_0000]));
+        assert_eq!(t.take_cleanable(0), Some(vec![0b1_0000]));
     }
 
     #[test]
