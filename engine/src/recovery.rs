@@ -235,7 +235,7 @@ impl Volume {
                     return;
                 }
                 ticks = ticks.wrapping_add(1);
-                if ticks % CLEAN_EVERY == 0 {
+                if ticks.is_multiple_of(CLEAN_EVERY) {
                     v.clean_idle_regions().await;
                 }
                 let out: Vec<Arc<Slot>> = v
