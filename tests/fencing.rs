@@ -69,9 +69,9 @@ fn an_older_engine_cannot_write_once_a_newer_one_started() {
 
 /// The newer engine is started on one replica only (the operator says the
 /// other is gone); the older one, still attached to both, must stop at the
-/// first refusal and acknowledge nothing more. When the other replica turns
-/// out to be alive, the newer engine rebuilds it, and whatever the old
-/// engine left there is overwritten.
+/// first refusal and acknowledge nothing more. When the other replica is
+/// added back, it is rebuilt, and whatever the old engine left there is
+/// overwritten.
 #[test]
 fn an_older_engine_stops_even_where_the_newer_one_has_not_reached() {
     let tmp = tempfile::tempdir().unwrap();
@@ -86,8 +86,19 @@ fn an_older_engine_stops_even_where_the_newer_one_has_not_reached() {
         let (ok, out) = qemu_io(&old.uri(), &[cmd]);
         assert!(!ok, "the superseded engine acknowledged {cmd:?}:\n{out}");
     }
-    // The newer engine finds the other replica (the membership names it)
-    // and rebuilds it; afterwards both hold exactly the newer engine's view.
+    // The operator said the other replica was gone, so it left the
+    // volume; added back, it is rebuilt, and afterwards both hold exactly
+    // the newer engine's view.
+    let out = shorthorn(&[
+        "volume",
+        "add-replica",
+        "split",
+        "--replica",
+        &r2.addr,
+        "--run-dir",
+        tmp.path().to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     wait_until(
         "the second replica to be rebuilt",
         std::time::Duration::from_secs(30),

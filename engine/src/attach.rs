@@ -282,8 +282,10 @@ fn plan(
                 healthy.push(m.id.clone());
             }
             (MemberState::Healthy, None) => {
+                // Only allowed when the operator says it is gone for good;
+                // then it leaves the membership (brought back later, it is
+                // a new replica: `volume add-replica`, full rebuild).
                 missing.push(m.addr.clone());
-                slots.push(Arc::new(Slot::new(&m.addr, &m.id, MemberState::Out)));
             }
             (_, Some(s)) => {
                 // Out, being rebuilt, or behind on membership: rebuilt later.
