@@ -98,7 +98,11 @@ fn an_older_engine_stops_even_where_the_newer_one_has_not_reached() {
         "--run-dir",
         tmp.path().to_str().unwrap(),
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     wait_until(
         "the second replica to be rebuilt",
         std::time::Duration::from_secs(30),
