@@ -110,23 +110,10 @@ fn log_of(proc: &Proc) -> String {
     out
 }
 
-/// Runs qemu-io commands against `uri`, under `timeout 30` so a hang fails
-/// the test instead of blocking it. True when every command succeeded.
-/// Discards reach the volume (`-d unmap`; qemu drops them by default).
+/// qemu-io with discards reaching the volume (`-d unmap`; qemu drops them
+/// by default).
 fn qemu_io(uri: &str, cmds: &[&str]) -> (bool, String) {
-    let mut cmd = Command::new("timeout");
-    cmd.args(["30", "qemu-io", "-f", "raw", "-d", "unmap"]);
-    for c in cmds {
-        cmd.args(["-c", c]);
-    }
-    let out = cmd.arg(uri).output().expect("run qemu-io");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let failed = !out.status.success() || text.contains("failed");
-    (!failed, text)
+    qemu_io_with(uri, &["-d", "unmap"], cmds)
 }
 
 fn qemu_io_ok(uri: &str, cmds: &[&str], what: &str) {

@@ -4,24 +4,7 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::*;
-
-fn qemu_io(uri: &str, cmds: &[&str]) -> (bool, String) {
-    let mut cmd = Command::new("timeout");
-    cmd.args(["30", "qemu-io", "-f", "raw"]);
-    for c in cmds {
-        cmd.args(["-c", c]);
-    }
-    let out = cmd.arg(uri).output().expect("run qemu-io");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success() && !text.contains("failed"), text)
-}
 
 #[test]
 fn an_older_engine_cannot_write_once_a_newer_one_started() {

@@ -6,30 +6,11 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
 
 const STEP: Duration = Duration::from_secs(60);
-
-fn qemu_io(uri: &str, cmds: &[&str]) {
-    let mut cmd = Command::new("timeout");
-    cmd.args(["60", "qemu-io", "-f", "raw"]);
-    for c in cmds {
-        cmd.args(["-c", c]);
-    }
-    let out = cmd.arg(uri).output().expect("run qemu-io");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && !text.contains("failed"),
-        "qemu-io {cmds:?}:\n{text}"
-    );
-}
 
 fn healthy(dir: &Path, volume: &str) -> u64 {
     status_json(dir, volume)["healthy"].as_u64().unwrap_or(0)
@@ -114,7 +95,7 @@ fn engine_killed_mid_write_is_reconciled_cheaply() {
     let b = Replica::start(&tmp.path().join("b"), "auto");
     create_volume("crash", "1GiB", &[&a, &b]);
     let mut engine = Engine::start(tmp.path(), "crash", &[&a, &b]);
-    qemu_io(&engine.uri(), &["write -P 0x5a 512M 8M", "flush"]);
+    qemu_io_ok(&engine.uri(), &["write -P 0x5a 512M 8M", "flush"]);
     // Let the engine clean the regions it just wrote (it waits until a
     // region has been idle for about a second).
     std::thread::sleep(Duration::from_millis(2500));
@@ -148,7 +129,7 @@ fn engine_killed_mid_write_is_reconciled_cheaply() {
         compared <= 32 << 20,
         "reconciliation compared {compared} bytes; only the 16 MiB being written could differ"
     );
-    qemu_io(&engine.uri(), &["read -P 0x5a 512M 8M"]);
+    qemu_io_ok(&engine.uri(), &["read -P 0x5a 512M 8M"]);
     drop(engine);
     assert_identical("crash", &[&a, &b]);
 }
@@ -162,7 +143,7 @@ fn short_outage_is_repaired_by_delta_rebuild() {
     let mut b = Replica::start(&tmp.path().join("b"), "auto");
     create_volume("delta", "256MiB", &[&a, &b]);
     let engine = Engine::start(tmp.path(), "delta", &[&a, &b]);
-    qemu_io(&engine.uri(), &["write -P 0x11 0 256M", "flush"]);
+    qemu_io_ok(&engine.uri(), &["write -P 0x11 0 256M", "flush"]);
     std::thread::sleep(Duration::from_millis(2500));
 
     b.proc.kill9();
@@ -178,7 +159,7 @@ fn short_outage_is_repaired_by_delta_rebuild() {
         .map(|(o, l)| format!("write -P 0x22 {o} {l}"))
         .chain(["flush".to_string()])
         .collect();
-    qemu_io(
+    qemu_io_ok(
         &engine.uri(),
         &cmds.iter().map(String::as_str).collect::<Vec<_>>(),
     );
@@ -211,7 +192,7 @@ fn added_replica_is_rebuilt_online_and_joins() {
     let b = Replica::start(&tmp.path().join("b"), "auto");
     create_volume("grow", "256MiB", &[&a]);
     let engine = Engine::start(tmp.path(), "grow", &[&a]);
-    qemu_io(&engine.uri(), &["write -P 0x33 0 200M", "flush"]);
+    qemu_io_ok(&engine.uri(), &["write -P 0x33 0 200M", "flush"]);
     let fio = Fio::start(
         tmp.path(),
         "grow",

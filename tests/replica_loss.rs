@@ -7,29 +7,10 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
 use nix::sys::signal::Signal;
-
-fn qemu_io(uri: &str, cmds: &[&str]) -> (bool, String) {
-    // `timeout` turns a hang (the failure this file looks for) into a
-    // failed command instead of a test that never ends.
-    let mut cmd = Command::new("timeout");
-    cmd.args(["30", "qemu-io", "-f", "raw"]);
-    for c in cmds {
-        cmd.args(["-c", c]);
-    }
-    let out = cmd.arg(uri).output().expect("run qemu-io");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let failed = !out.status.success() || text.contains("failed");
-    (!failed, text)
-}
 
 #[test]
 fn stalled_replica_is_dropped_and_io_goes_on() {

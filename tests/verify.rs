@@ -52,17 +52,6 @@ fn json_ranges(v: &serde_json::Value) -> Vec<(u64, u64)> {
         .collect()
 }
 
-fn qemu_io(uri: &str, cmds: &[&str]) {
-    let mut cmd = Command::new("timeout");
-    cmd.args(["60", "qemu-io", "-f", "raw"]);
-    for c in cmds {
-        cmd.args(["-c", c]);
-    }
-    let out = run(cmd.arg(uri));
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(!text.contains("failed"), "qemu-io {cmds:?}:\n{text}");
-}
-
 #[test]
 fn identical_replicas_pass_and_a_lone_write_is_pinpointed() {
     let tmp = tempfile::tempdir().unwrap();
@@ -79,7 +68,7 @@ fn identical_replicas_pass_and_a_lone_write_is_pinpointed() {
         .args(["convert", "-n", "-f", "raw", "-O", "raw"])
         .arg(&src)
         .arg(engine.uri()));
-    qemu_io(&engine.uri(), &["write -P 0x11 1M 3M", "flush"]);
+    qemu_io_ok(&engine.uri(), &["write -P 0x11 1M 3M", "flush"]);
 
     // Next to the idle engine: it only looks, so the engine keeps writing.
     let out = verify("ver", &addrs, &[]);
@@ -90,7 +79,7 @@ fn identical_replicas_pass_and_a_lone_write_is_pinpointed() {
         "{}",
         show(&out)
     );
-    qemu_io(
+    qemu_io_ok(
         &engine.uri(),
         &["write -P 0x12 2M 4k", "flush", "read -P 0x12 2M 4k"],
     );
@@ -132,7 +121,7 @@ fn identical_replicas_pass_and_a_lone_write_is_pinpointed() {
     let mut lone = Engine::start_alone(tmp.path(), "ver", &r2);
     let straddle = (8 << 20) - 4096;
     let sector = (40 << 20) + 512;
-    qemu_io(
+    qemu_io_ok(
         &lone.uri(),
         &[
             &format!("write -P 0xee {straddle} 8k"),

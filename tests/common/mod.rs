@@ -273,6 +273,35 @@ pub fn run(cmd: &mut Command) -> Output {
     out
 }
 
+/// Runs qemu-io commands (`-c` each) against `uri`, with `opts` before
+/// them, under `timeout 60` so a hang fails the test instead of blocking
+/// it. Returns whether every command succeeded, and what qemu-io said.
+pub fn qemu_io_with(uri: &str, opts: &[&str], cmds: &[&str]) -> (bool, String) {
+    let mut cmd = Command::new("timeout");
+    cmd.args(["60", "qemu-io", "-f", "raw"]).args(opts);
+    for c in cmds {
+        cmd.args(["-c", c]);
+    }
+    let out = cmd.arg(uri).output().expect("run qemu-io");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success() && !text.contains("failed"), text)
+}
+
+pub fn qemu_io(uri: &str, cmds: &[&str]) -> (bool, String) {
+    qemu_io_with(uri, &[], cmds)
+}
+
+/// Like [`qemu_io`], panicking with qemu-io's output on any failure.
+pub fn qemu_io_ok(uri: &str, cmds: &[&str]) -> String {
+    let (ok, text) = qemu_io(uri, cmds);
+    assert!(ok, "qemu-io {cmds:?} failed:\n{text}");
+    text
+}
+
 /// A file of random bytes (deterministic per seed).
 pub fn random_file(path: &Path, len: usize, seed: u64) {
     use rand::{RngCore, SeedableRng};
