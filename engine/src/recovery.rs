@@ -86,9 +86,7 @@ impl Volume {
             "reconciled the replicas where writes may have been in flight"
         );
         // Identical now: if everyone is healthy those regions are clean.
-        if self.all_healthy() {
-            self.clean(dirty.to_vec()).await;
-        }
+        self.clean(|| Some(dirty.to_vec())).await;
         self.ensure_membership().await
     }
 
@@ -158,42 +156,17 @@ impl Volume {
         Ok(copied)
     }
 
-    /// Tells every replica that these regions are clean. Only when every
-    /// member is healthy: while one is out, the dirty regions are exactly
-    /// what it will need.
-    async fn clean(&self, bitmap: Vec<u8>) {
-        let calls: Vec<_> = {
-            let _no_writes_between = self.gate.write().unwrap();
-            self.slots
-                .load()
-                .iter()
-                .filter_map(|s| s.client().map(|c| (s.clone(), c)))
-                .map(|(s, c)| {
-                    let call = c.start(Request::MarkClean {
-                        bitmap: bitmap.clone().into(),
-                    });
-                    (s, call)
-                })
-                .collect()
-        };
-        for (slot, call) in calls {
-            if let Err(e) = call.done().await {
-                self.fail(&slot, &e);
-            }
-        }
-    }
-
-    /// Cleans the regions written since the last clean that have nothing
-    /// in flight. Taking them and queueing the clean happen under the gate,
-    /// so no write to them can be queued in between.
-    async fn clean_idle_regions(&self) {
+    /// Tells every replica that the regions `pick` returns (run under the
+    /// gate, so no write to them can be queued in between) are clean. Only
+    /// when every member is healthy: while one is out, the dirty regions
+    /// are exactly what it will need.
+    async fn clean(&self, pick: impl FnOnce() -> Option<Vec<u8>>) {
         if !self.all_healthy() {
             return;
         }
         let calls: Vec<_> = {
             let _no_writes_between = self.gate.write().unwrap();
-            self.tracker.tick();
-            let Some(bitmap) = self.tracker.take_cleanable(CLEAN_MIN_IDLE_TICKS) else {
+            let Some(bitmap) = pick() else {
                 return;
             };
             let bitmap = bytes::Bytes::from(bitmap);
@@ -214,6 +187,16 @@ impl Volume {
                 self.fail(&slot, &e);
             }
         }
+    }
+
+    /// Cleans the regions written since the last clean that have nothing
+    /// in flight and have been idle for a while.
+    async fn clean_idle_regions(&self) {
+        self.clean(|| {
+            self.tracker.tick();
+            self.tracker.take_cleanable(CLEAN_MIN_IDLE_TICKS)
+        })
+        .await
     }
 
     /// Starts the loop that cleans, retries out replicas with backoff and

@@ -225,17 +225,11 @@ impl ReplicaClient {
 
     /// Like [`call`](Self::call), expecting [`Reply::Done`].
     pub async fn call_done(&self, request: Request) -> Result<(), ClientError> {
-        match self.call(request).await? {
-            Reply::Done => Ok(()),
-            other => Err(self.unexpected(&other)),
-        }
+        self.start(request).done().await
     }
 
     pub fn unexpected(&self, reply: &Reply) -> ClientError {
-        ClientError::Unexpected {
-            addr: self.shared.addr.clone(),
-            what: format!("{reply:?}").chars().take(120).collect(),
-        }
+        unexpected(&self.shared.addr, reply)
     }
 
     /// Closes the connection now; in-flight calls fail at once.
@@ -244,6 +238,14 @@ impl ReplicaClient {
         for t in &self.tasks {
             t.abort();
         }
+    }
+}
+
+/// A reply that is not the kind the request calls for.
+fn unexpected(addr: &str, reply: &Reply) -> ClientError {
+    ClientError::Unexpected {
+        addr: addr.to_string(),
+        what: format!("{reply:?}").chars().take(120).collect(),
     }
 }
 
@@ -291,13 +293,10 @@ impl PendingCall {
 
     /// Like [`wait`](Self::wait), expecting [`Reply::Done`].
     pub async fn done(self) -> Result<(), ClientError> {
-        let addr = self.shared.addr.clone();
+        let shared = self.shared.clone();
         match self.wait().await? {
             Reply::Done => Ok(()),
-            other => Err(ClientError::Unexpected {
-                addr,
-                what: format!("{other:?}").chars().take(120).collect(),
-            }),
+            other => Err(unexpected(&shared.addr, &other)),
         }
     }
 }
