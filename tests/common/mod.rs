@@ -420,6 +420,7 @@ impl Drop for LoopDevice {
                 .map(|s| s.success())
                 .unwrap_or(false);
             if ok {
+                self.wait_gone();
                 return;
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -499,6 +500,22 @@ pub fn is_mounted(path: &Path) -> bool {
 }
 
 impl LoopDevice {
+    /// `losetup -d` on a device something still holds open (udev's blkid,
+    /// a late close) only marks it for auto-clear and returns; the kernel
+    /// unbinds the file when the last opener goes. Waits for that, up to
+    /// 10 s, so whoever checks next sees the device really free.
+    fn wait_gone(&self) {
+        let name = self.dev.trim_start_matches("/dev/");
+        let backing = Path::new("/sys/block").join(name).join("loop/backing_file");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while backing.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if backing.exists() {
+            eprintln!("{} still bound 10 s after losetup -d", self.dev);
+        }
+    }
+
     /// Like [`attach`](Self::attach), with `--direct-io=on`: the loop device
     /// reads and writes its file with O_DIRECT, so no page cache over the
     /// file hides the data path from the filesystem on top.
