@@ -24,42 +24,78 @@ pub async fn serve(
     volume: Arc<Volume>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
     // The newest engine for a volume takes the socket over: an older one
     // still running has been fenced by this one's claim, so the status
     // people want is this engine's.
     let _ = std::fs::remove_file(&path);
-    let listener = UnixListener::bind(&path)?;
-    let _cleanup = RemoveOnDrop::new(path.clone());
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, _) = tokio::select! {
-            _ = &mut shutdown => return Ok(()),
-            a = listener.accept() => match a {
-                Ok(a) => a,
-                Err(e) => { warn!(error = %e, "control socket accept failed"); continue; }
-            },
-        };
-        let volume = volume.clone();
-        tokio::spawn(async move {
-            let (rd, mut wr) = stream.into_split();
-            let mut line = String::new();
-            let mut rd = BufReader::new(rd.take(64 * 1024));
-            if rd.read_line(&mut line).await.is_err() {
-                return;
-            }
-            let answer = match serde_json::from_str::<Value>(&line) {
-                Ok(req) => handle(&volume, &req).await,
-                Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
+    JsonSocket::bind(&path)?
+        .serve(shutdown, move |req| {
+            let volume = volume.clone();
+            async move { handle(&volume, &req).await }
+        })
+        .await
+}
+
+/// A unix socket taking one JSON request per connection and answering one
+/// JSON line. Its file is removed when it is dropped, unless someone
+/// replaced it meanwhile.
+pub struct JsonSocket {
+    listener: UnixListener,
+    _cleanup: RemoveOnDrop,
+}
+
+impl JsonSocket {
+    /// Binds at `path` (creating its directory); fails if the file exists:
+    /// the caller decides whether to take a socket file over.
+    pub fn bind(path: &Path) -> std::io::Result<JsonSocket> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let listener = UnixListener::bind(path)?;
+        Ok(JsonSocket {
+            listener,
+            _cleanup: RemoveOnDrop::new(path.to_path_buf()),
+        })
+    }
+
+    /// Answers requests with `handle` until `shutdown` resolves.
+    pub async fn serve<H, F>(
+        self,
+        shutdown: impl std::future::Future<Output = ()>,
+        handle: H,
+    ) -> std::io::Result<()>
+    where
+        H: Fn(Value) -> F + Clone + Send + 'static,
+        F: std::future::Future<Output = Value> + Send + 'static,
+    {
+        tokio::pin!(shutdown);
+        loop {
+            let (stream, _) = tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                a = self.listener.accept() => match a {
+                    Ok(a) => a,
+                    Err(e) => { warn!(error = %e, "control socket accept failed"); continue; }
+                },
             };
-            let mut out = answer.to_string();
-            out.push('\n');
-            if let Err(e) = wr.write_all(out.as_bytes()).await {
-                debug!(error = %e, "control client went away");
-            }
-        });
+            let handle = handle.clone();
+            tokio::spawn(async move {
+                let (rd, mut wr) = stream.into_split();
+                let mut line = String::new();
+                let mut rd = BufReader::new(rd.take(64 * 1024));
+                if rd.read_line(&mut line).await.is_err() {
+                    return;
+                }
+                let answer = match serde_json::from_str::<Value>(&line) {
+                    Ok(req) => handle(req).await,
+                    Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
+                };
+                let mut out = answer.to_string();
+                out.push('\n');
+                if let Err(e) = wr.write_all(out.as_bytes()).await {
+                    debug!(error = %e, "control client went away");
+                }
+            });
+        }
     }
 }
 
@@ -127,7 +163,7 @@ pub async fn request(path: &Path, req: &Value) -> std::io::Result<Value> {
     serde_json::from_str(&out).map_err(std::io::Error::other)
 }
 
-/// Removes the socket file when the server stops, unless a newer engine
+/// Removes the socket file when its server stops, unless a newer engine
 /// has replaced it with its own meanwhile.
 struct RemoveOnDrop {
     path: PathBuf,

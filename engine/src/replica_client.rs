@@ -16,6 +16,7 @@ use shorthorn_proto::{
     EncodedFrame, FrameReader, FrameWriter, Generation, Hello, ProtoError, RemoteError, Reply,
     Request, VolumeInfo, Welcome, PROTOCOL_VERSION,
 };
+use tokio::io::{AsyncRead, AsyncWrite, DuplexStream};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -46,6 +47,37 @@ impl ClientError {
 }
 
 type Waiter = oneshot::Sender<Result<Reply, ClientError>>;
+type BoxRead = Box<dyn AsyncRead + Unpin + Send>;
+type BoxWrite = Box<dyn AsyncWrite + Unpin + Send>;
+
+/// Opens an in-process connection to a replica daemon.
+pub type LocalDial = Arc<dyn Fn() -> DuplexStream + Send + Sync>;
+
+/// Replica daemons living in this very process, by the addresses engines
+/// name them with. An engine hosted by a replica daemon reaches that
+/// daemon's replicas through here, in memory, and every other replica
+/// (and everyone else reaching this daemon) over TCP; the bytes on the
+/// wire and every check on them are the same either way.
+static LOCAL_REPLICAS: Mutex<Vec<(String, LocalDial)>> = Mutex::new(Vec::new());
+
+/// Makes `addrs` (the daemon's own addresses as engines will write them)
+/// resolve to `dial` in this process from now on.
+pub fn register_local_replica(addrs: &[String], dial: LocalDial) {
+    let mut local = LOCAL_REPLICAS.lock().unwrap();
+    for addr in addrs {
+        local.retain(|(a, _)| a != addr);
+        local.push((addr.clone(), dial.clone()));
+    }
+}
+
+fn local_dial(addr: &str) -> Option<LocalDial> {
+    LOCAL_REPLICAS
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(a, _)| a == addr)
+        .map(|(_, dial)| dial.clone())
+}
 
 struct Shared {
     addr: String,
@@ -114,14 +146,23 @@ impl ReplicaClient {
             addr: addr.to_string(),
             reason,
         };
-        let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
-            .await
-            .map_err(|_| connect_err(format!("no answer within {timeout:?}")))?
-            .map_err(|e| connect_err(e.to_string()))?;
-        stream
-            .set_nodelay(true)
-            .map_err(|e| connect_err(e.to_string()))?;
-        let (rd, wr) = stream.into_split();
+        let (rd, wr): (BoxRead, BoxWrite) = match local_dial(addr) {
+            Some(dial) => {
+                let (rd, wr) = tokio::io::split(dial());
+                (Box::new(rd), Box::new(wr))
+            }
+            None => {
+                let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+                    .await
+                    .map_err(|_| connect_err(format!("no answer within {timeout:?}")))?
+                    .map_err(|e| connect_err(e.to_string()))?;
+                stream
+                    .set_nodelay(true)
+                    .map_err(|e| connect_err(e.to_string()))?;
+                let (rd, wr) = stream.into_split();
+                (Box::new(rd), Box::new(wr))
+            }
+        };
         let mut reader = FrameReader::new(rd);
         let mut writer = FrameWriter::new(wr);
 
@@ -309,10 +350,7 @@ impl Drop for ReplicaClient {
     }
 }
 
-async fn read_replies(
-    mut reader: FrameReader<tokio::net::tcp::OwnedReadHalf>,
-    shared: Arc<Shared>,
-) {
+async fn read_replies(mut reader: FrameReader<BoxRead>, shared: Arc<Shared>) {
     let reason = loop {
         let frame = match reader.read_frame().await {
             Ok(Some(f)) => f,
@@ -344,7 +382,7 @@ async fn read_replies(
 }
 
 async fn write_requests(
-    mut writer: FrameWriter<tokio::net::tcp::OwnedWriteHalf>,
+    mut writer: FrameWriter<BoxWrite>,
     mut rx: mpsc::UnboundedReceiver<EncodedFrame>,
     shared: Arc<Shared>,
 ) {

@@ -7,7 +7,6 @@
 //! for a request it could not fully decode and verify.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,8 +15,9 @@ use shorthorn_proto::{
     EncodedFrame, ErrorCode, FrameReader, FrameWriter, Generation, Hello, ProtoError, RawFrame,
     RemoteError, Reply, Request, VolumeInfo, VolumeName, Welcome, MAX_IO_LEN, PROTOCOL_VERSION,
 };
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::io::{AsyncRead, AsyncWrite, DuplexStream};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn, Instrument};
 
 use crate::storage::{Replica, StorageError, Store};
@@ -78,6 +78,103 @@ impl Default for ServerConfig {
     }
 }
 
+/// A replica daemon's serving side: the store, the volumes' states and the
+/// connection policy, shared by every connection, whether it came over TCP
+/// or from an engine hosted in the same process.
+pub struct Server {
+    store: Arc<Store>,
+    states: Arc<States>,
+    config: Arc<ServerConfig>,
+    conn_ids: AtomicU64,
+}
+
+/// Room in each direction of an in-process connection: a few full-size
+/// frames, so a hosted engine's pipeline never stalls on it.
+const LOCAL_PIPE_BYTES: usize = 4 * (MAX_IO_LEN as usize + 64);
+
+impl Server {
+    pub fn new(store: Arc<Store>, config: ServerConfig) -> Arc<Server> {
+        Arc::new(Server {
+            store,
+            states: Arc::new(States::default()),
+            config: Arc::new(config),
+            conn_ids: AtomicU64::new(1),
+        })
+    }
+
+    /// Serves TCP connections until `shutdown` resolves, then stops
+    /// accepting and returns. Connections already open finish their
+    /// in-flight requests on their own.
+    pub async fn serve(
+        self: &Arc<Self>,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        let slots = Arc::new(Semaphore::new(self.config.max_connections));
+        tokio::pin!(shutdown);
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // EMFILE and friends: back off rather than spin.
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                warn!(%peer, "too many connections; closing the new one");
+                continue;
+            };
+            if let Err(e) = stream.set_nodelay(true) {
+                debug!(%peer, error = %e, "cannot set TCP_NODELAY; closing");
+                continue;
+            }
+            let (rd, wr) = stream.into_split();
+            self.spawn_connection(rd, wr, peer.to_string(), Some(permit));
+        }
+    }
+
+    /// A connection to this daemon that never leaves the process: for an
+    /// engine hosted here, whose replica on this node is then one memory
+    /// copy away instead of a loopback TCP round trip. The other end is
+    /// served exactly like a TCP connection: same handshake, fencing,
+    /// checksums and limits.
+    pub fn connect_local(self: &Arc<Self>) -> DuplexStream {
+        let (engine_end, server_end) = tokio::io::duplex(LOCAL_PIPE_BYTES);
+        let (rd, wr) = tokio::io::split(server_end);
+        self.spawn_connection(rd, wr, "in-process".to_string(), None);
+        engine_end
+    }
+
+    fn spawn_connection<R, W>(
+        self: &Arc<Self>,
+        rd: R,
+        wr: W,
+        peer: String,
+        permit: Option<OwnedSemaphorePermit>,
+    ) where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let conn = self.conn_ids.fetch_add(1, Ordering::Relaxed);
+        let span = tracing::info_span!("conn", id = conn, peer = %peer);
+        let server = self.clone();
+        tokio::spawn(
+            async move {
+                if let Err(e) = server.handle_connection(rd, wr, &peer).await {
+                    debug!(error = %e, "connection ended with an error");
+                }
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+}
+
 /// Serves until `shutdown` resolves, then stops accepting and returns.
 /// Connections already open finish their in-flight requests on their own.
 pub async fn serve(
@@ -86,42 +183,7 @@ pub async fn serve(
     config: ServerConfig,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let config = Arc::new(config);
-    let states = Arc::new(States::default());
-    let slots = Arc::new(Semaphore::new(config.max_connections));
-    let conn_ids = AtomicU64::new(1);
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = &mut shutdown => return Ok(()),
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // EMFILE and friends: back off rather than spin.
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            warn!(%peer, "too many connections; closing the new one");
-            continue;
-        };
-        let conn = conn_ids.fetch_add(1, Ordering::Relaxed);
-        let store = store.clone();
-        let config = config.clone();
-        let states = states.clone();
-        tokio::spawn(
-            async move {
-                if let Err(e) = handle_connection(stream, peer, store, states, config).await {
-                    debug!(error = %e, "connection ended with an error");
-                }
-                drop(permit);
-            }
-            .instrument(tracing::info_span!("conn", id = conn, %peer)),
-        );
-    }
+    Server::new(store, config).serve(listener, shutdown).await
 }
 
 /// What a connection is allowed to do, fixed by its handshake.
@@ -148,131 +210,131 @@ impl Session {
     }
 }
 
-async fn handle_connection(
-    stream: TcpStream,
-    peer: SocketAddr,
-    store: Arc<Store>,
-    states: Arc<States>,
-    config: Arc<ServerConfig>,
-) -> Result<(), ProtoError> {
-    stream.set_nodelay(true)?;
-    let (rd, wr) = stream.into_split();
-    let mut reader = FrameReader::new(rd);
-    let mut writer = FrameWriter::new(wr);
+impl Server {
+    async fn handle_connection<R, W>(&self, rd: R, wr: W, peer: &str) -> Result<(), ProtoError>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let (store, states, config) = (&self.store, &self.states, &self.config);
+        let mut reader = FrameReader::new(rd);
+        let mut writer = FrameWriter::new(wr);
 
-    let first = match tokio::time::timeout(config.handshake_timeout, reader.read_frame()).await {
-        Err(_) => {
-            debug!("no handshake in time");
-            return Ok(());
-        }
-        Ok(r) => r,
-    };
-    let first = match first {
-        Ok(Some(f)) => f,
-        Ok(None) => return Ok(()),
-        Err(e) => {
-            answer_and_close(&mut writer, 0, &e).await;
-            return Err(e);
-        }
-    };
-    let (session, welcome) = match handshake(&first, &store, &states, &config).await {
-        Ok(ok) => ok,
-        Err(err) => {
-            warn!(%peer, error = %err, "handshake refused");
-            let _ = writer
-                .write_frame(&Reply::Error(err).encode(first.id))
-                .await;
-            let _ = writer.shutdown().await;
-            return Ok(());
-        }
-    };
-    writer.write_frame(&welcome.encode(first.id)).await?;
-    let session = Arc::new(session);
-
-    let (tx, rx) = mpsc::channel::<EncodedFrame>(config.max_in_flight * 2);
-    let write_task = tokio::spawn(write_replies(writer, rx));
-    let in_flight = Arc::new(Semaphore::new(config.max_in_flight));
-
-    let result = loop {
-        let frame = match reader.read_frame().await {
-            Ok(Some(f)) => f,
-            Ok(None) => break Ok(()),
-            Err(e) => {
-                warn!(error = %e, "closing connection on a bad frame");
-                let id = match &e {
-                    ProtoError::Checksum { id, .. } => *id,
-                    _ => 0,
-                };
-                let _ = tx.send(error_frame(id, &e)).await;
-                break Err(e);
+        let first = match tokio::time::timeout(config.handshake_timeout, reader.read_frame()).await
+        {
+            Err(_) => {
+                debug!("no handshake in time");
+                return Ok(());
             }
-        };
-        let request = match Request::decode(&frame) {
             Ok(r) => r,
+        };
+        let first = match first {
+            Ok(Some(f)) => f,
+            Ok(None) => return Ok(()),
             Err(e) => {
-                warn!(error = %e, id = frame.id, "closing connection on an undecodable request");
-                let _ = tx.send(error_frame(frame.id, &e)).await;
-                break Err(e);
+                answer_and_close(&mut writer, 0, &e).await;
+                return Err(e);
             }
         };
-        // Dirty marks and cleans happen here, in the order requests came,
-        // so a clean can never undo the mark of a write sent after it.
-        let ticket = match (&request, session.state()) {
-            (Request::MarkClean { bitmap }, Some(state)) => {
-                let reply = match io_replica(&session, false) {
-                    Ok(_) => {
-                        state.dirty().clear(bitmap);
-                        // Written (not synced) at once: a daemon killed
-                        // later keeps them; only a power cut loses them,
-                        // which costs one extra compare, never data.
-                        let state = state.clone();
-                        tokio::spawn(async move {
-                            if let Err(e) = state.dirty().sync_clears().await {
-                                warn!(error = %e, "writing dirty-map clears failed");
-                            }
-                        });
-                        Reply::Done
-                    }
-                    Err(e) => Reply::Error(e),
-                };
-                if tx.send(reply.encode(frame.id)).await.is_err() {
-                    break Ok(());
+        let (session, welcome) = match handshake(&first, store, states, config).await {
+            Ok(ok) => ok,
+            Err(err) => {
+                warn!(%peer, error = %err, "handshake refused");
+                let _ = writer
+                    .write_frame(&Reply::Error(err).encode(first.id))
+                    .await;
+                let _ = writer.shutdown().await;
+                return Ok(());
+            }
+        };
+        writer.write_frame(&welcome.encode(first.id)).await?;
+        let session = Arc::new(session);
+
+        let (tx, rx) = mpsc::channel::<EncodedFrame>(config.max_in_flight * 2);
+        let write_task = tokio::spawn(write_replies(writer, rx));
+        let in_flight = Arc::new(Semaphore::new(config.max_in_flight));
+
+        let result = loop {
+            let frame = match reader.read_frame().await {
+                Ok(Some(f)) => f,
+                Ok(None) => break Ok(()),
+                Err(e) => {
+                    warn!(error = %e, "closing connection on a bad frame");
+                    let id = match &e {
+                        ProtoError::Checksum { id, .. } => *id,
+                        _ => 0,
+                    };
+                    let _ = tx.send(error_frame(id, &e)).await;
+                    break Err(e);
                 }
-                continue;
-            }
-            (request, Some(state)) => match write_range(request) {
-                Some((offset, len)) => state.dirty().mark(offset, len),
-                None => None,
-            },
-            _ => None,
-        };
-        let permit = in_flight
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("semaphore never closes");
-        let tx = tx.clone();
-        let store = store.clone();
-        let states = states.clone();
-        let session = session.clone();
-        let id = frame.id;
-        tokio::spawn(async move {
-            let reply = match execute(request, ticket, &session, &store, &states).await {
-                Ok(reply) => reply,
-                Err(err) => Reply::Error(err),
             };
-            let _ = tx.send(reply.encode(id)).await;
-            drop(permit);
-        });
-    };
-    // Let every executing request answer, then close the socket.
-    let _ = in_flight
-        .acquire_many(config.max_in_flight as u32)
-        .await
-        .map(|p| p.forget());
-    drop(tx);
-    let _ = write_task.await;
-    result
+            let request = match Request::decode(&frame) {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(error = %e, id = frame.id, "closing connection on an undecodable request");
+                    let _ = tx.send(error_frame(frame.id, &e)).await;
+                    break Err(e);
+                }
+            };
+            // Dirty marks and cleans happen here, in the order requests came,
+            // so a clean can never undo the mark of a write sent after it.
+            let ticket = match (&request, session.state()) {
+                (Request::MarkClean { bitmap }, Some(state)) => {
+                    let reply = match io_replica(&session, false) {
+                        Ok(_) => {
+                            state.dirty().clear(bitmap);
+                            // Written (not synced) at once: a daemon killed
+                            // later keeps them; only a power cut loses them,
+                            // which costs one extra compare, never data.
+                            let state = state.clone();
+                            tokio::spawn(async move {
+                                if let Err(e) = state.dirty().sync_clears().await {
+                                    warn!(error = %e, "writing dirty-map clears failed");
+                                }
+                            });
+                            Reply::Done
+                        }
+                        Err(e) => Reply::Error(e),
+                    };
+                    if tx.send(reply.encode(frame.id)).await.is_err() {
+                        break Ok(());
+                    }
+                    continue;
+                }
+                (request, Some(state)) => match write_range(request) {
+                    Some((offset, len)) => state.dirty().mark(offset, len),
+                    None => None,
+                },
+                _ => None,
+            };
+            let permit = in_flight
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("semaphore never closes");
+            let tx = tx.clone();
+            let store = store.clone();
+            let states = states.clone();
+            let session = session.clone();
+            let id = frame.id;
+            tokio::spawn(async move {
+                let reply = match execute(request, ticket, &session, &store, &states).await {
+                    Ok(reply) => reply,
+                    Err(err) => Reply::Error(err),
+                };
+                let _ = tx.send(reply.encode(id)).await;
+                drop(permit);
+            });
+        };
+        // Let every executing request answer, then close the socket.
+        let _ = in_flight
+            .acquire_many(config.max_in_flight as u32)
+            .await
+            .map(|p| p.forget());
+        drop(tx);
+        let _ = write_task.await;
+        result
+    }
 }
 
 fn error_frame(id: u64, e: &ProtoError) -> EncodedFrame {

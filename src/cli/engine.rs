@@ -6,15 +6,44 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
+use serde_json::json;
 use shorthorn_engine::nbd::{NbdListen, NbdServer, NbdServerConfig};
 use shorthorn_engine::{Volume, VolumeBackend, VolumeOptions};
 use shorthorn_proto::VolumeName;
 use tracing::{error, info};
 
+use super::host;
+
 #[derive(Subcommand)]
 pub enum EngineCommand {
     /// Serve a volume over NBD, mirroring every write to its replicas.
     Serve(ServeArgs),
+    /// Start a volume's engine inside a replica daemon (one run with
+    /// `--engine-control`), usually the one on the node using the volume:
+    /// it then reaches that daemon's replica in memory, not over TCP.
+    /// Returns once the volume is served; prints its NBD URI.
+    Start(StartArgs),
+    /// Stop an engine a replica daemon hosts: its clients are answered and
+    /// disconnected, the volume flushed.
+    Stop(StopArgs),
+}
+
+#[derive(Args)]
+pub struct StartArgs {
+    /// The daemon's engine-control socket (its `--engine-control`).
+    #[arg(long, value_name = "PATH")]
+    pub daemon: PathBuf,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Args)]
+pub struct StopArgs {
+    /// The daemon's engine-control socket (its `--engine-control`).
+    #[arg(long, value_name = "PATH")]
+    pub daemon: PathBuf,
+    /// The volume whose engine to stop.
+    pub name: VolumeName,
 }
 
 #[derive(Args)]
@@ -49,10 +78,76 @@ pub struct ServeArgs {
 pub async fn run(command: EngineCommand) -> anyhow::Result<()> {
     match command {
         EngineCommand::Serve(args) => serve(args).await,
+        EngineCommand::Start(args) => {
+            let argv = args.serve.to_argv();
+            let answer = host::request(&args.daemon, &json!({"op": "start", "argv": argv}))
+                .await
+                .with_context(|| format!("starting the engine of {}", args.serve.name))?;
+            println!("{}", answer["uri"].as_str().unwrap_or_default());
+            Ok(())
+        }
+        EngineCommand::Stop(args) => {
+            host::request(
+                &args.daemon,
+                &json!({"op": "stop", "name": args.name.as_str()}),
+            )
+            .await
+            .with_context(|| format!("stopping the engine of {}", args.name))?;
+            Ok(())
+        }
     }
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    run_engine(args, |_| {}, super::shutdown_signal()).await
+}
+
+impl ServeArgs {
+    /// The command line that gives back these arguments: how `engine start`
+    /// hands them to a replica daemon, which parses them as `engine serve`
+    /// would.
+    pub fn to_argv(&self) -> Vec<String> {
+        // Paths made absolute: the daemon does not share our directory.
+        let absolute = |p: &std::path::Path| {
+            std::path::absolute(p)
+                .unwrap_or_else(|_| p.to_path_buf())
+                .display()
+                .to_string()
+        };
+        let nbd = match &self.nbd {
+            NbdListen::Unix(path) => format!("unix:{}", absolute(path)),
+            tcp => tcp.to_arg(),
+        };
+        let mut argv = vec![self.name.to_string()];
+        for r in &self.replicas {
+            argv.extend(["--replica".to_string(), r.clone()]);
+        }
+        argv.extend([
+            "--nbd".to_string(),
+            nbd,
+            "--io-timeout-ms".to_string(),
+            self.io_timeout_ms.to_string(),
+            "--max-connections".to_string(),
+            self.max_connections.to_string(),
+            "--run-dir".to_string(),
+            absolute(&self.run_dir),
+        ]);
+        if self.allow_missing_replicas {
+            argv.push("--allow-missing-replicas".to_string());
+        }
+        argv
+    }
+}
+
+/// Runs one volume's engine until `stop` resolves: attaches the volume,
+/// serves it over NBD and on its control socket, then flushes it. `ready`
+/// gets the NBD URI once clients can connect. The same code runs an engine
+/// in its own process (`engine serve`) and inside a replica daemon.
+pub async fn run_engine(
+    args: ServeArgs,
+    ready: impl FnOnce(String),
+    stop: impl std::future::Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
     anyhow::ensure!(
         (1..=2).contains(&args.replicas.len()),
         "a volume has 1 or 2 replicas; {} given",
@@ -69,8 +164,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let server = NbdServer::bind(args.nbd.clone())
         .await
         .with_context(|| format!("listening for NBD on {}", args.nbd))?;
+    let uri = server.uri(args.name.as_str());
     info!(
-        volume = %args.name, uri = %server.uri(args.name.as_str()), generation = %volume.generation(),
+        volume = %args.name, uri = %uri, generation = %volume.generation(),
         "engine serving"
     );
     let config = NbdServerConfig {
@@ -89,15 +185,19 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         volume.clone(),
         stopped(stop_rx.clone()),
     ));
-    tokio::spawn(async move {
-        super::shutdown_signal().await;
-        let _ = stop_tx.send(true);
-    });
     info!(volume = %args.name, control = %control_path.display(), "control socket ready");
-    server
-        .run(config, backend, stopped(stop_rx))
-        .await
-        .context("serving NBD")?;
+    ready(uri);
+    let serving = server.run(config, backend, stopped(stop_rx));
+    tokio::pin!(serving);
+    let served = tokio::select! {
+        r = &mut serving => r,
+        _ = stop => {
+            let _ = stop_tx.send(true);
+            serving.await
+        }
+    };
+    let _ = stop_tx.send(true);
+    served.context("serving NBD")?;
     match control.await {
         Ok(Err(e)) => error!(error = %e, "control socket failed"),
         Err(e) => error!(error = %e, "control socket task failed"),

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod dev;
 pub mod engine;
 pub mod engine_ctl;
+pub mod host;
 pub mod replica;
 pub mod size;
 pub mod verify;

@@ -6,11 +6,14 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use shorthorn_replica::server::{serve, ServerConfig};
+use shorthorn_engine::replica_client::register_local_replica;
+use shorthorn_replica::server::{Server, ServerConfig};
 use shorthorn_replica::storage::io::fault::{FaultControl, FaultyIo};
 use shorthorn_replica::storage::{open_io, DiskIo, IoEngineChoice, Store};
 use tokio::net::TcpListener;
 use tracing::{info, warn};
+
+use super::host::{self, EngineHost};
 
 #[derive(Subcommand)]
 pub enum ReplicaCommand {
@@ -36,6 +39,13 @@ pub struct ServeArgs {
     /// Most connections served at once; more are closed at once.
     #[arg(long, default_value_t = 1024)]
     pub max_connections: usize,
+    /// Also host volume engines, started and stopped through a control
+    /// socket at this path (`shorthorn engine start --daemon PATH ...`).
+    /// A hosted engine reaches this daemon's replicas in memory instead of
+    /// over TCP: the fastest place for the engine of a volume used on this
+    /// node.
+    #[arg(long, value_name = "PATH")]
+    pub engine_control: Option<PathBuf>,
     /// Testing only: inject disk faults as this file says, re-read every
     /// 50 ms (`write=eio`, `read=enospc volume=v1`, ...; empty: none).
     #[arg(long, hide = true)]
@@ -82,18 +92,60 @@ async fn serve_replicas(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
     let addr = listener.local_addr()?;
-    info!(
-        %addr, data_dir = %args.data_dir.display(), io_engine = io_name,
-        volumes = store.list().len(),
-        "replica daemon serving"
-    );
     let config = ServerConfig {
         server_id: format!("replica {addr} pid {}", std::process::id()),
         max_connections: args.max_connections,
         ..ServerConfig::default()
     };
     let store = Arc::new(store);
-    serve(listener, store.clone(), config, super::shutdown_signal()).await?;
+    let server = Server::new(store.clone(), config);
+    let host = Arc::new(EngineHost::default());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let control = match &args.engine_control {
+        Some(path) => {
+            let dial_server = server.clone();
+            register_local_replica(
+                &own_addresses(&args.listen, addr),
+                Arc::new(move || dial_server.connect_local()),
+            );
+            // Bound before anyone is told the daemon is up.
+            let socket = host::bind_control(path)
+                .with_context(|| format!("engine-control socket {}", path.display()))?;
+            let serving = tokio::spawn(host::serve_control(
+                socket,
+                host.clone(),
+                stopped(stop_rx.clone()),
+            ));
+            info!(control = %path.display(), "hosting engines");
+            Some(serving)
+        }
+        None => None,
+    };
+    info!(
+        %addr, data_dir = %args.data_dir.display(), io_engine = io_name,
+        volumes = store.list().len(),
+        "replica daemon serving"
+    );
+    let shutdown = {
+        let host = host.clone();
+        async move {
+            super::shutdown_signal().await;
+            // Engines first: their last flush goes to these replicas.
+            host.stop_all().await;
+            let _ = stop_tx.send(true);
+        }
+    };
+    server.serve(listener, shutdown).await?;
+    if let Some(control) = control {
+        match control.await {
+            Ok(Err(e)) => tracing::error!(error = %e, "engine-control socket failed"),
+            Err(e) => tracing::error!(error = %e, "engine-control task failed"),
+            Ok(Ok(())) => {}
+        }
+    }
     info!("stopping: flushing every volume");
     for replica in store.list() {
         if let Err(e) = replica.flush().await {
@@ -101,4 +153,20 @@ async fn serve_replicas(args: ServeArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The addresses engines may use for this daemon: as given to `--listen`,
+/// as bound, and the loopback forms of a wildcard listen.
+fn own_addresses(listen: &str, bound: std::net::SocketAddr) -> Vec<String> {
+    let port = bound.port();
+    let mut addrs = vec![listen.to_string(), bound.to_string()];
+    if bound.ip().is_unspecified() {
+        addrs.extend([
+            format!("127.0.0.1:{port}"),
+            format!("localhost:{port}"),
+            format!("[::1]:{port}"),
+        ]);
+    }
+    addrs.dedup();
+    addrs
 }

@@ -68,6 +68,14 @@ impl FromStr for NbdListen {
 }
 
 impl NbdListen {
+    /// The address as `--nbd` takes it back (`unix:/path`, `tcp:HOST:PORT`).
+    pub fn to_arg(&self) -> String {
+        match self {
+            NbdListen::Unix(path) => format!("unix:{}", path.display()),
+            NbdListen::Tcp(addr) => format!("tcp:{addr}"),
+        }
+    }
+
     /// The NBD URI (as understood by libnbd, qemu and fio) of `export` on
     /// this address.
     pub fn uri(&self, export: &str) -> String {
@@ -254,6 +262,14 @@ mod tests {
                 assert_eq!(addr.port(), 10809);
             }
             other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn to_arg_parses_back_to_the_same_address() {
+        for arg in ["unix:/run/sh/vol.sock", "127.0.0.1:10809", "[::1]:0"] {
+            let listen: NbdListen = arg.parse().unwrap();
+            assert_eq!(listen.to_arg().parse::<NbdListen>().unwrap(), listen);
         }
     }
 

@@ -1,0 +1,218 @@
+//! Engines hosted inside a replica daemon.
+//!
+//! A volume's engine can run in its own process (`engine serve`) or inside
+//! the replica daemon of the node that uses the volume (`engine start
+//! --daemon`). Hosted, it reaches that daemon's replica in memory instead of
+//! over loopback TCP: on small machines each process hop costs a wake-up
+//! and several syscalls per IO, so this is the fast path. Everything else —
+//! handshake, fencing, checksums, recovery — is the same code either way.
+//!
+//! The daemon takes requests on a unix socket, one JSON line each:
+//! `{"op":"start","argv":[...]}` (the arguments of `engine serve`),
+//! `{"op":"stop","name":"v"}`, `{"op":"list"}`.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use clap::Parser;
+use serde_json::{json, Value};
+use shorthorn_engine::control::JsonSocket;
+use shorthorn_proto::VolumeName;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+use tracing::{error, info, warn, Instrument};
+
+use super::engine::{run_engine, ServeArgs};
+
+/// `engine serve`'s arguments, parsed the same way inside the daemon.
+#[derive(Parser)]
+#[command(name = "engine start", no_binary_name = true)]
+struct HostedArgs {
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+struct Hosted {
+    uri: String,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+/// The engines one daemon runs.
+#[derive(Default)]
+pub struct EngineHost {
+    engines: Mutex<HashMap<VolumeName, Hosted>>,
+}
+
+impl EngineHost {
+    /// Starts an engine and returns its NBD URI once clients can connect.
+    pub async fn start(&self, args: ServeArgs) -> anyhow::Result<String> {
+        let name = args.name.clone();
+        // Drop engines that stopped on their own (fenced, failed) first.
+        self.reap();
+        anyhow::ensure!(
+            !self.engines.lock().unwrap().contains_key(&name),
+            "volume {name} already has an engine in this daemon"
+        );
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let (stop_tx, mut stop_rx) = watch::channel(false);
+        let span = tracing::info_span!("engine", volume = %name);
+        let task = tokio::spawn(
+            async move {
+                let stop = async move {
+                    let _ = stop_rx.wait_for(|s| *s).await;
+                };
+                let result = run_engine(args, |uri| drop(ready_tx.send(uri)), stop).await;
+                if let Err(e) = &result {
+                    error!(error = format!("{e:#}"), "hosted engine stopped");
+                }
+                result
+            }
+            .instrument(span),
+        );
+        match ready_rx.await {
+            Ok(uri) => {
+                info!(volume = %name, %uri, "hosted engine started");
+                self.engines.lock().unwrap().insert(
+                    name,
+                    Hosted {
+                        uri: uri.clone(),
+                        stop: stop_tx,
+                        task,
+                    },
+                );
+                Ok(uri)
+            }
+            // The engine ended before serving: its error says why.
+            Err(_) => match task.await {
+                Ok(Err(e)) => Err(e),
+                Ok(Ok(())) => anyhow::bail!("engine for {name} stopped before serving"),
+                Err(e) => anyhow::bail!("engine for {name} failed: {e}"),
+            },
+        }
+    }
+
+    /// Stops a volume's engine: its clients are answered and disconnected,
+    /// then the volume is flushed.
+    pub async fn stop(&self, name: &VolumeName) -> anyhow::Result<()> {
+        let hosted = self.engines.lock().unwrap().remove(name);
+        let Some(hosted) = hosted else {
+            anyhow::bail!("no engine for volume {name} in this daemon");
+        };
+        let _ = hosted.stop.send(true);
+        match hosted.task.await {
+            Ok(r) => r,
+            Err(e) => anyhow::bail!("engine for {name} failed: {e}"),
+        }
+    }
+
+    /// Stops every engine (at daemon shutdown, before the replicas go).
+    pub async fn stop_all(&self) {
+        let names: Vec<VolumeName> = self.engines.lock().unwrap().keys().cloned().collect();
+        for name in names {
+            info!(volume = %name, "stopping hosted engine");
+            if let Err(e) = self.stop(&name).await {
+                warn!(volume = %name, error = format!("{e:#}"), "hosted engine stopped with an error");
+            }
+        }
+    }
+
+    fn reap(&self) {
+        self.engines
+            .lock()
+            .unwrap()
+            .retain(|_, h| !h.task.is_finished());
+    }
+
+    fn list(&self) -> Value {
+        self.reap();
+        let engines = self.engines.lock().unwrap();
+        let mut list: Vec<Value> = engines
+            .iter()
+            .map(|(name, h)| json!({"volume": name.to_string(), "uri": h.uri}))
+            .collect();
+        list.sort_by_key(|v| v["volume"].as_str().unwrap_or("").to_string());
+        json!({"ok": true, "engines": list})
+    }
+
+    async fn handle(&self, req: &Value) -> Value {
+        let fail = |e: anyhow::Error| json!({"ok": false, "error": format!("{e:#}")});
+        match req["op"].as_str() {
+            Some("start") => {
+                let argv: Vec<String> = match req["argv"].as_array() {
+                    Some(a) => a
+                        .iter()
+                        .filter_map(|v| v.as_str().map(str::to_string))
+                        .collect(),
+                    None => return fail(anyhow::anyhow!("start needs \"argv\"")),
+                };
+                let args = match HostedArgs::try_parse_from(argv) {
+                    Ok(a) => a.serve,
+                    Err(e) => return fail(anyhow::anyhow!("{}", e.to_string().trim())),
+                };
+                match self.start(args).await {
+                    Ok(uri) => json!({"ok": true, "uri": uri}),
+                    Err(e) => fail(e),
+                }
+            }
+            Some("stop") => {
+                let name = match req["name"].as_str().map(VolumeName::new) {
+                    Some(Ok(n)) => n,
+                    Some(Err(e)) => return fail(e.into()),
+                    None => return fail(anyhow::anyhow!("stop needs \"name\"")),
+                };
+                match self.stop(&name).await {
+                    Ok(()) => json!({"ok": true}),
+                    Err(e) => fail(e),
+                }
+            }
+            Some("list") => self.list(),
+            _ => fail(anyhow::anyhow!("unknown op; expected start, stop or list")),
+        }
+    }
+}
+
+/// Binds the daemon's engine-control socket at `path`; refuses a socket
+/// another live daemon answers on.
+pub fn bind_control(path: &Path) -> std::io::Result<JsonSocket> {
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            format!("another daemon serves {}", path.display()),
+        ));
+    }
+    // Nobody answers: a leftover from a daemon that died.
+    let _ = std::fs::remove_file(path);
+    JsonSocket::bind(path)
+}
+
+/// Serves engine-control requests on `socket` until `shutdown` resolves.
+pub async fn serve_control(
+    socket: JsonSocket,
+    host: Arc<EngineHost>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    socket
+        .serve(shutdown, move |req| {
+            let host = host.clone();
+            async move { host.handle(&req).await }
+        })
+        .await
+}
+
+/// Sends one request to a daemon's engine-control socket; an `ok: false`
+/// answer becomes the error.
+pub async fn request(path: &Path, req: &Value) -> anyhow::Result<Value> {
+    use anyhow::Context;
+    let answer = shorthorn_engine::control::request(path, req)
+        .await
+        .with_context(|| format!("replica daemon engine control {}", path.display()))?;
+    if answer["ok"].as_bool() != Some(true) {
+        anyhow::bail!(
+            "{}",
+            answer["error"].as_str().unwrap_or("the daemon refused")
+        );
+    }
+    Ok(answer)
+}
