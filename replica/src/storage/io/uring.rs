@@ -3,12 +3,14 @@
 //! There is no thread of its own. A request's future, when first polled,
 //! locks the ring (a `Mutex` no one else holds on the default single-thread
 //! runtime), pushes its submission entry and, if it is the first of a batch,
-//! kicks the driver task. The driver yields once before it enters the
-//! kernel, so every task already queued pushes its entry first: a burst of
-//! 64 requests costs one `io_uring_enter`. Completions wake the driver
-//! through an eventfd registered with the ring and watched by tokio's
-//! reactor ([`AsyncFd`]); it reaps them and wakes each request's task, on
-//! the same thread, with no channel or oneshot in between.
+//! kicks the driver task. The kick queues the driver behind every task
+//! already runnable, so those push their entries first: a burst of 64
+//! requests costs one `io_uring_enter`. Completions wake the driver through
+//! the ring's own descriptor, which polls readable while completions wait
+//! and is watched by tokio's reactor ([`AsyncFd`]); it reaps them and wakes
+//! each request's task, on the same thread, with no channel, oneshot or
+//! eventfd in between. An IO at queue depth 1 costs two syscalls here: one
+//! `io_uring_enter` and the reactor's wait.
 //!
 //! Entering the kernel never waits for IO: with O_DIRECT files a read or
 //! write is issued to the device right there and completes later; whatever
@@ -29,7 +31,7 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::future::Future;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
@@ -320,8 +322,9 @@ struct Shared {
     state: Mutex<State>,
     /// Wakes the driver to submit, or to notice `closing`.
     kick: Notify,
-    /// Signalled by the kernel for every completion posted.
-    event_fd: OwnedFd,
+    /// The ring's descriptor (owned by the ring in `state`, which lives as
+    /// long as this): readable while completions wait to be reaped.
+    ring_fd: RawFd,
 }
 
 impl Shared {
@@ -329,20 +332,6 @@ impl Shared {
         // Nothing panics while holding the lock; if something did, the ring
         // and table are still consistent, so poisoning is ignored.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Reads (and so resets) the eventfd's counter. Non-blocking.
-    fn drain_event_fd(&self) {
-        let mut v: u64 = 0;
-        // SAFETY: reads at most 8 bytes into a live u64; an empty counter
-        // just returns EAGAIN.
-        unsafe {
-            libc::read(
-                self.event_fd.as_raw_fd(),
-                (&mut v as *mut u64).cast(),
-                std::mem::size_of::<u64>(),
-            );
-        }
     }
 }
 
@@ -375,14 +364,7 @@ impl UringIo {
         }
         let fallocate_in_ring = probe.is_supported(opcode::Fallocate::CODE);
 
-        // SAFETY: eventfd returns a new descriptor or -1, checked below.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a fresh descriptor nothing else owns.
-        let event_fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        ring.submitter().register_eventfd(event_fd.as_raw_fd())?;
+        let ring_fd = ring.as_raw_fd();
         let state = State {
             ring,
             ops: Slab::with_capacity(MAX_IN_FLIGHT),
@@ -398,7 +380,7 @@ impl UringIo {
             shared: Arc::new(Shared {
                 state: Mutex::new(state),
                 kick: Notify::new(),
-                event_fd,
+                ring_fd,
             }),
             fallocate_in_ring,
         })
@@ -631,13 +613,13 @@ impl<T> Drop for OpFuture<T> {
     }
 }
 
-/// The eventfd as [`AsyncFd`] wants it: holding the [`Shared`] that owns
-/// the descriptor keeps it open for as long as the registration lives.
-struct EventFd(Arc<Shared>);
+/// The ring's descriptor as [`AsyncFd`] wants it: holding the [`Shared`]
+/// that owns the ring keeps it open for as long as the registration lives.
+struct RingFd(Arc<Shared>);
 
-impl AsRawFd for EventFd {
+impl AsRawFd for RingFd {
     fn as_raw_fd(&self) -> RawFd {
-        self.0.event_fd.as_raw_fd()
+        self.0.ring_fd
     }
 }
 
@@ -659,10 +641,10 @@ impl Drop for DriverGuard {
 /// is closed and nothing is left in the ring.
 async fn drive(shared: Arc<Shared>, mut guard: DriverGuard) {
     let mut wake = Vec::new();
-    // SAFETY: the descriptor is owned by the `Shared` that `EventFd` holds,
+    // SAFETY: the descriptor is owned by the `Shared` that `RingFd` holds,
     // so it stays open and the same for the registration's whole life.
     let registered =
-        unsafe { AsyncFd::register_with_interest(EventFd(shared.clone()), Interest::READABLE) };
+        unsafe { AsyncFd::register_with_interest(RingFd(shared.clone()), Interest::READABLE) };
     let events = match registered {
         Ok(fd) => fd,
         Err(e) => {
@@ -684,24 +666,17 @@ async fn drive(shared: Arc<Shared>, mut guard: DriverGuard) {
                     // is finished by the next driver, or by `Drop for State`.
                     return;
                 };
-                shared.drain_event_fd();
+                // Before reaping: a completion posted from here on raises
+                // the descriptor again and is seen on the next turn.
                 ready.clear_ready();
             }
             () = shared.kick.notified() => {}
         }
-        {
-            let mut st = shared.lock();
-            // The tasks woken below will push new requests; they are
-            // submitted with the rest after the yield, so they need no kick.
-            st.submit_due = true;
-            st.reap(&mut wake);
-        }
-        wake.drain(..).for_each(Waker::wake);
-        // Let every task already queued (those just woken among them) push
-        // its request first, so they all go in with one syscall.
-        tokio::task::yield_now().await;
         let mut st = shared.lock();
         st.reap(&mut wake);
+        // Every task that ran before this one has pushed its entry: all go
+        // in with one syscall. The tasks woken below push theirs later and
+        // kick again, which queues this driver behind all of them.
         let again = st.submit(&mut wake);
         st.submit_due = again;
         let exit = st.closing && st.ops.is_empty();
