@@ -71,6 +71,21 @@ pub struct BenchArgs {
     /// Disk IO engine of the replica daemons: auto, uring or sync.
     #[arg(long, default_value = "auto")]
     pub io_engine: String,
+    /// Where the shorthorn volumes' engines run: `hosted` inside replica
+    /// daemon 1 (`engine start --daemon`, how a node runs the engine of a
+    /// volume it uses; the local replica is reached in memory) or
+    /// `process`, each in its own `engine serve` process.
+    #[arg(long, value_enum, default_value = "hosted")]
+    pub engines: EngineMode,
+}
+
+/// Where the bench runs the shorthorn volumes' engines.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EngineMode {
+    /// Inside replica daemon 1, which holds one replica of each volume.
+    Hosted,
+    /// Each in its own process.
+    Process,
 }
 
 /// Runs the bench with `shorthorn_exe` as the program that serves replica

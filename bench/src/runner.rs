@@ -79,12 +79,16 @@ pub fn run_blocking(args: &BenchArgs, shorthorn_exe: &Path, stop: &StopFlag) -> 
         let _ = writeln!(
             section,
             "- each target {} MiB, prefilled; per job {:.1} s ramp + {:.1} s measured, one job at a time; \
-             {}; replica daemons' IO engine `{}`",
+             {}; replica daemons' IO engine `{}`; engines {}",
             plan.size_bytes >> 20,
             plan.ramp.as_secs_f64(),
             plan.runtime.as_secs_f64(),
             versions,
             args.io_engine,
+            match args.engines {
+                crate::EngineMode::Hosted => "hosted in replica daemon 1",
+                crate::EngineMode::Process => "in their own processes",
+            },
         );
         let _ = writeln!(section, "- {sharing}");
         if let Some(note) = &args.note {
@@ -120,6 +124,7 @@ fn measure(
             size_bytes: plan.size_bytes,
             shorthorn_exe,
             io_engine: &args.io_engine,
+            engines: args.engines,
         },
         stop,
     )?;

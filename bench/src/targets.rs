@@ -14,6 +14,7 @@ use clap::ValueEnum;
 
 use crate::fio::FioTarget;
 use crate::procs::{run_to_end, Proc, StopFlag};
+use crate::EngineMode;
 
 /// One column of the results table.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -63,6 +64,8 @@ impl TargetKind {
 const RAW_FILE: &str = "raw.img";
 const NBDKIT_FILE: &str = "nbdkit-file.img";
 const REPLICA_DIRS: [&str; 2] = ["replica-1", "replica-2"];
+/// Replica daemon 1's engine-control socket when it hosts the engines.
+const ENGINE_CONTROL: &str = "r1-engines.ctl";
 
 fn socket_name(kind: TargetKind) -> String {
     format!("{}.sock", kind.name())
@@ -115,6 +118,8 @@ pub struct Lab {
     /// The targets in column order, with how fio reaches each.
     pub targets: Vec<(TargetKind, FioTarget)>,
     servers: Vec<Server>,
+    /// Engines run inside replica daemon 1.
+    hosted: bool,
 }
 
 /// What `Lab::start` needs to know.
@@ -124,6 +129,7 @@ pub struct LabConfig<'a> {
     pub size_bytes: u64,
     pub shorthorn_exe: &'a Path,
     pub io_engine: &'a str,
+    pub engines: EngineMode,
 }
 
 const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -139,6 +145,7 @@ impl Lab {
             logs,
             targets: Vec::new(),
             servers: Vec::new(),
+            hosted: cfg.engines == EngineMode::Hosted,
         };
         let replicas_needed = cfg.kinds.iter().map(|k| k.replicas()).max().unwrap_or(0);
         let mut replica_addrs = Vec::new();
@@ -170,12 +177,18 @@ impl Lab {
             .port();
         let addr = format!("127.0.0.1:{port}");
         let data = self.dir.join(REPLICA_DIRS[index - 1]);
+        let mut cmd = Command::new(cfg.shorthorn_exe);
+        cmd.args(["replica", "serve", "--data-dir"])
+            .arg(&data)
+            .args(["--listen", &addr, "--io-engine", cfg.io_engine]);
+        if index == 1 && cfg.engines == EngineMode::Hosted {
+            let control = self.dir.join(ENGINE_CONTROL);
+            remove_if_present(&control)?;
+            cmd.arg("--engine-control").arg(control);
+        }
         let proc = Proc::spawn(
             &format!("replica daemon {index}"),
-            Command::new(cfg.shorthorn_exe)
-                .args(["replica", "serve", "--data-dir"])
-                .arg(&data)
-                .args(["--listen", &addr, "--io-engine", cfg.io_engine]),
+            &mut cmd,
             self.logs.join(format!("replica-{index}.log")),
         )?;
         self.servers.push(Server {
@@ -224,7 +237,13 @@ impl Lab {
         create.args(["volume", "create", &volume, "--size"]);
         create.arg(cfg.size_bytes.to_string());
         let mut serve = Command::new(cfg.shorthorn_exe);
-        serve.args(["engine", "serve", &volume]);
+        match cfg.engines {
+            EngineMode::Hosted => serve
+                .args(["engine", "start", "--daemon"])
+                .arg(self.dir.join(ENGINE_CONTROL))
+                .arg(&volume),
+            EngineMode::Process => serve.args(["engine", "serve", &volume]),
+        };
         for r in replicas {
             create.args(["--replica", r]);
             serve.args(["--replica", r]);
@@ -241,6 +260,18 @@ impl Lab {
         // Control sockets next to the NBD sockets, not in /run.
         if let Some(dir) = socket.parent() {
             serve.arg("--run-dir").arg(dir);
+        }
+        if cfg.engines == EngineMode::Hosted {
+            // Returns once the daemon serves the volume; the daemon stops
+            // the engine (flushing it) when it is stopped itself.
+            run_to_end(
+                &format!("shorthorn engine start {volume}"),
+                &mut serve,
+                self.logs.join(format!("engine-start-{volume}.log")),
+                START_TIMEOUT,
+                stop,
+            )?;
+            return Ok(FioTarget::Nbd(nbd_uri(&socket)));
         }
         let proc = Proc::spawn(
             &format!("engine {}", kind.name()),
@@ -301,7 +332,12 @@ impl Lab {
                             .filter(|k| k.replicas() >= i)
                             .map(|k| k.name())
                             .collect();
-                        format!("replica daemon {i} (serves {})", serves.join(", "))
+                        let hosts = if i == 1 && self.hosted {
+                            " and hosts their engines"
+                        } else {
+                            ""
+                        };
+                        format!("replica daemon {i} (serves {}{hosts})", serves.join(", "))
                     }
                     Role::Engine(k) => format!("engine {}", k.name()),
                     Role::Nbdkit => "nbdkit file plugin".to_string(),
@@ -316,12 +352,25 @@ impl Lab {
     pub fn warnings(&self) -> Vec<String> {
         let mut out = Vec::new();
         for s in &self.servers {
-            if let Role::Engine(kind) = s.role {
-                let log = std::fs::read_to_string(&s.proc.log).unwrap_or_default();
+            // Volumes whose engine logs into this server's log.
+            let volumes: Vec<TargetKind> = match s.role {
+                Role::Engine(kind) => vec![kind],
+                Role::Replica(1) if self.hosted => self
+                    .targets
+                    .iter()
+                    .map(|(k, _)| *k)
+                    .filter(|k| k.replicas() > 0)
+                    .collect(),
+                _ => continue,
+            };
+            let log = std::fs::read_to_string(&s.proc.log).unwrap_or_default();
+            for kind in volumes {
+                let volume = format!("volume=bench-{}r", kind.replicas());
                 // The engine's own messages for a replica left out of the
                 // healthy set (crate shorthorn-engine, volume.rs).
                 let dropped = log
                     .lines()
+                    .filter(|l| l.contains(&volume))
                     .filter(|l| {
                         l.contains("dropped from the healthy set")
                             || l.contains("volume starts without it")

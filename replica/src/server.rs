@@ -88,9 +88,10 @@ pub struct Server {
     conn_ids: AtomicU64,
 }
 
-/// Room in each direction of an in-process connection: a few full-size
-/// frames, so a hosted engine's pipeline never stalls on it.
-const LOCAL_PIPE_BYTES: usize = 4 * (MAX_IO_LEN as usize + 64);
+/// Room in each direction of an in-process connection: a few 128 KiB
+/// writes. A writer finding it full waits for the reader, as on a socket,
+/// so in-flight data is not held twice in memory.
+const LOCAL_PIPE_BYTES: usize = 1 << 20;
 
 impl Server {
     pub fn new(store: Arc<Store>, config: ServerConfig) -> Arc<Server> {
