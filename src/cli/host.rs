@@ -39,22 +39,38 @@ struct Hosted {
     task: JoinHandle<anyhow::Result<()>>,
 }
 
+/// A volume's place in the host: taken before its engine starts and given
+/// back only once it has stopped, so two requests for one volume can never
+/// run two engines (the second would fence the first).
+enum Entry {
+    Starting,
+    Running(Hosted),
+    Stopping,
+}
+
 /// The engines one daemon runs.
 #[derive(Default)]
 pub struct EngineHost {
-    engines: Mutex<HashMap<VolumeName, Hosted>>,
+    engines: Mutex<HashMap<VolumeName, Entry>>,
 }
 
 impl EngineHost {
     /// Starts an engine and returns its NBD URI once clients can connect.
     pub async fn start(&self, args: ServeArgs) -> anyhow::Result<String> {
         let name = args.name.clone();
-        // Drop engines that stopped on their own (fenced, failed) first.
-        self.reap();
-        anyhow::ensure!(
-            !self.engines.lock().unwrap().contains_key(&name),
-            "volume {name} already has an engine in this daemon"
-        );
+        {
+            let mut engines = self.engines.lock().unwrap();
+            // Engines that stopped on their own (fenced, failed) leave.
+            reap(&mut engines);
+            match engines.get(&name) {
+                None => {}
+                Some(Entry::Stopping) => {
+                    anyhow::bail!("the engine of volume {name} in this daemon is still stopping")
+                }
+                Some(_) => anyhow::bail!("volume {name} already has an engine in this daemon"),
+            }
+            engines.insert(name.clone(), Entry::Starting);
+        }
         let (ready_tx, ready_rx) = oneshot::channel();
         let (stop_tx, mut stop_rx) = watch::channel(false);
         let span = tracing::info_span!("engine", volume = %name);
@@ -74,42 +90,71 @@ impl EngineHost {
         match ready_rx.await {
             Ok(uri) => {
                 info!(volume = %name, %uri, "hosted engine started");
-                self.engines.lock().unwrap().insert(
-                    name,
-                    Hosted {
-                        uri: uri.clone(),
-                        stop: stop_tx,
-                        task,
-                    },
-                );
+                let hosted = Hosted {
+                    uri: uri.clone(),
+                    stop: stop_tx,
+                    task,
+                };
+                self.engines
+                    .lock()
+                    .unwrap()
+                    .insert(name, Entry::Running(hosted));
                 Ok(uri)
             }
             // The engine ended before serving: its error says why.
-            Err(_) => match task.await {
-                Ok(Err(e)) => Err(e),
-                Ok(Ok(())) => anyhow::bail!("engine for {name} stopped before serving"),
-                Err(e) => anyhow::bail!("engine for {name} failed: {e}"),
-            },
+            Err(_) => {
+                let result = task.await;
+                self.engines.lock().unwrap().remove(&name);
+                match result {
+                    Ok(Err(e)) => Err(e),
+                    Ok(Ok(())) => anyhow::bail!("engine for {name} stopped before serving"),
+                    Err(e) => anyhow::bail!("engine for {name} failed: {e}"),
+                }
+            }
         }
     }
 
     /// Stops a volume's engine: its clients are answered and disconnected,
     /// then the volume is flushed.
     pub async fn stop(&self, name: &VolumeName) -> anyhow::Result<()> {
-        let hosted = self.engines.lock().unwrap().remove(name);
-        let Some(hosted) = hosted else {
-            anyhow::bail!("no engine for volume {name} in this daemon");
+        let hosted = {
+            let mut engines = self.engines.lock().unwrap();
+            match engines.remove(name) {
+                Some(Entry::Running(hosted)) => {
+                    engines.insert(name.clone(), Entry::Stopping);
+                    hosted
+                }
+                Some(other) => {
+                    let what = match other {
+                        Entry::Starting => "still starting",
+                        _ => "already stopping",
+                    };
+                    engines.insert(name.clone(), other);
+                    anyhow::bail!("the engine of volume {name} in this daemon is {what}");
+                }
+                None => anyhow::bail!("no engine for volume {name} in this daemon"),
+            }
         };
         let _ = hosted.stop.send(true);
-        match hosted.task.await {
+        let result = hosted.task.await;
+        self.engines.lock().unwrap().remove(name);
+        match result {
             Ok(r) => r,
             Err(e) => anyhow::bail!("engine for {name} failed: {e}"),
         }
     }
 
-    /// Stops every engine (at daemon shutdown, before the replicas go).
+    /// Stops every running engine (at daemon shutdown, before the replicas
+    /// go).
     pub async fn stop_all(&self) {
-        let names: Vec<VolumeName> = self.engines.lock().unwrap().keys().cloned().collect();
+        let names: Vec<VolumeName> = self
+            .engines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, e)| matches!(e, Entry::Running(_)))
+            .map(|(name, _)| name.clone())
+            .collect();
         for name in names {
             info!(volume = %name, "stopping hosted engine");
             if let Err(e) = self.stop(&name).await {
@@ -118,19 +163,15 @@ impl EngineHost {
         }
     }
 
-    fn reap(&self) {
-        self.engines
-            .lock()
-            .unwrap()
-            .retain(|_, h| !h.task.is_finished());
-    }
-
     fn list(&self) -> Value {
-        self.reap();
-        let engines = self.engines.lock().unwrap();
+        let mut engines = self.engines.lock().unwrap();
+        reap(&mut engines);
         let mut list: Vec<Value> = engines
             .iter()
-            .map(|(name, h)| json!({"volume": name.to_string(), "uri": h.uri}))
+            .filter_map(|(name, e)| match e {
+                Entry::Running(h) => Some(json!({"volume": name.to_string(), "uri": h.uri})),
+                _ => None,
+            })
             .collect();
         list.sort_by_key(|v| v["volume"].as_str().unwrap_or("").to_string());
         json!({"ok": true, "engines": list})
@@ -171,6 +212,11 @@ impl EngineHost {
             _ => fail(anyhow::anyhow!("unknown op; expected start, stop or list")),
         }
     }
+}
+
+/// Forgets running engines that stopped on their own (fenced, failed).
+fn reap(engines: &mut HashMap<VolumeName, Entry>) {
+    engines.retain(|_, e| !matches!(e, Entry::Running(h) if h.task.is_finished()));
 }
 
 /// Binds the daemon's engine-control socket at `path`; refuses a socket

@@ -46,6 +46,12 @@ pub struct ServeArgs {
     /// node.
     #[arg(long, value_name = "PATH")]
     pub engine_control: Option<PathBuf>,
+    /// Another address engines use for this daemon (the node's IP and port,
+    /// a DNS name), so engines hosted here know it is their own daemon and
+    /// reach it in memory; repeatable. `--listen` and its loopback forms
+    /// are known already.
+    #[arg(long = "advertise", value_name = "HOST:PORT")]
+    pub advertise: Vec<String>,
     /// Testing only: inject disk faults as this file says, re-read every
     /// 50 ms (`write=eio`, `read=enospc volume=v1`, ...; empty: none).
     #[arg(long, hide = true)]
@@ -108,7 +114,7 @@ async fn serve_replicas(args: ServeArgs) -> anyhow::Result<()> {
         Some(path) => {
             let dial_server = server.clone();
             register_local_replica(
-                &own_addresses(&args.listen, addr),
+                &own_addresses(&args.listen, addr, &args.advertise),
                 Arc::new(move || dial_server.connect_local()),
             );
             // Bound before anyone is told the daemon is up.
@@ -156,17 +162,46 @@ async fn serve_replicas(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 /// The addresses engines may use for this daemon: as given to `--listen`,
-/// as bound, and the loopback forms of a wildcard listen.
-fn own_addresses(listen: &str, bound: std::net::SocketAddr) -> Vec<String> {
+/// as bound, the loopback forms of a loopback or wildcard listen, and those
+/// given to `--advertise`.
+fn own_addresses(listen: &str, bound: std::net::SocketAddr, advertise: &[String]) -> Vec<String> {
     let port = bound.port();
     let mut addrs = vec![listen.to_string(), bound.to_string()];
-    if bound.ip().is_unspecified() {
-        addrs.extend([
-            format!("127.0.0.1:{port}"),
-            format!("localhost:{port}"),
-            format!("[::1]:{port}"),
-        ]);
+    if bound.ip().is_unspecified() || bound.ip().is_loopback() {
+        addrs.push(format!("localhost:{port}"));
     }
+    if bound.ip().is_unspecified() {
+        addrs.extend([format!("127.0.0.1:{port}"), format!("[::1]:{port}")]);
+    }
+    addrs.extend(advertise.iter().cloned());
+    addrs.sort();
     addrs.dedup();
     addrs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::own_addresses;
+
+    #[test]
+    fn a_daemon_knows_its_own_addresses() {
+        let wildcard = own_addresses("0.0.0.0:7700", "0.0.0.0:7700".parse().unwrap(), &[]);
+        for a in [
+            "0.0.0.0:7700",
+            "127.0.0.1:7700",
+            "localhost:7700",
+            "[::1]:7700",
+        ] {
+            assert!(wildcard.contains(&a.to_string()), "{a} in {wildcard:?}");
+        }
+        let loopback = own_addresses("127.0.0.1:0", "127.0.0.1:41234".parse().unwrap(), &[]);
+        assert!(loopback.contains(&"127.0.0.1:41234".to_string()));
+        assert!(loopback.contains(&"localhost:41234".to_string()));
+        let node = own_addresses(
+            "10.0.0.5:7700",
+            "10.0.0.5:7700".parse().unwrap(),
+            &["pi-3.lan:7700".to_string()],
+        );
+        assert_eq!(node, ["10.0.0.5:7700", "pi-3.lan:7700"]);
+    }
 }

@@ -111,19 +111,25 @@ impl Replica {
     }
 
     pub fn start_at(dir: &Path, io_engine: &str, addr: &str) -> Replica {
+        Self::spawn_at(dir, io_engine, addr, &format!("replica {addr}"), &[])
+    }
+
+    fn spawn_at(dir: &Path, io_engine: &str, addr: &str, name: &str, extra: &[&str]) -> Replica {
         let log = dir.with_extension(format!("{}.log", now_ms()));
         let proc = Proc::spawn(
-            &format!("replica {addr}"),
-            Command::new(BIN).args([
-                "replica",
-                "serve",
-                "--data-dir",
-                dir.to_str().unwrap(),
-                "--listen",
-                addr,
-                "--io-engine",
-                io_engine,
-            ]),
+            name,
+            Command::new(BIN)
+                .args([
+                    "replica",
+                    "serve",
+                    "--data-dir",
+                    dir.to_str().unwrap(),
+                    "--listen",
+                    addr,
+                    "--io-engine",
+                    io_engine,
+                ])
+                .args(extra),
             log,
         );
         let mut r = Replica {
@@ -158,6 +164,188 @@ impl Replica {
         self.proc.kill9();
         let again = Replica::start_at(&self.dir, &self.io_engine, &self.addr);
         *self = again;
+    }
+}
+
+/// Replica daemons that also host engines (`--engine-control`).
+impl Replica {
+    /// A replica daemon hosting engines, its engine-control socket next to
+    /// its data directory ([`engine_control`](Self::engine_control)).
+    pub fn start_hosting(dir: &Path, io_engine: &str) -> Replica {
+        Self::start_hosting_at(dir, io_engine, &format!("127.0.0.1:{}", free_port()))
+    }
+
+    pub fn start_hosting_at(dir: &Path, io_engine: &str, addr: &str) -> Replica {
+        let control = engine_control_of(dir);
+        let mut r = Self::spawn_at(
+            dir,
+            io_engine,
+            addr,
+            &format!("replica {addr} (hosting engines)"),
+            &["--engine-control", control.to_str().unwrap()],
+        );
+        // The TCP port is bound before the control socket: wait for both.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&control).is_err() {
+            assert!(
+                r.proc.is_running(),
+                "replica daemon exited:\n{}",
+                r.proc.log_text()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "replica daemon never served its engine-control socket"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        r
+    }
+
+    /// The engine-control socket of a daemon started with
+    /// [`start_hosting`](Self::start_hosting).
+    pub fn engine_control(&self) -> PathBuf {
+        engine_control_of(&self.dir)
+    }
+}
+
+fn engine_control_of(dir: &Path) -> PathBuf {
+    dir.with_extension("ctl")
+}
+
+/// Runs the `shorthorn` CLI to completion under `timeout`, so a hang fails
+/// the test instead of blocking it.
+pub fn shorthorn_within(limit: Duration, args: &[&str]) -> Output {
+    Command::new("timeout")
+        .arg(limit.as_secs().max(1).to_string())
+        .arg(BIN)
+        .args(args)
+        .output()
+        .expect("run shorthorn")
+}
+
+/// `shorthorn engine stop --daemon PATH VOLUME`.
+pub fn engine_stop(daemon: &Path, volume: &str) -> Output {
+    shorthorn_within(
+        Duration::from_secs(60),
+        &[
+            "engine",
+            "stop",
+            "--daemon",
+            daemon.to_str().unwrap(),
+            volume,
+        ],
+    )
+}
+
+/// An engine hosted by a replica daemon (`engine start --daemon`), serving
+/// one volume on a unix socket; stopped (`engine stop`) when dropped.
+pub struct HostedEngine {
+    /// The daemon's engine-control socket.
+    pub daemon: PathBuf,
+    pub volume: String,
+    pub socket: PathBuf,
+    /// The engine's own control socket (`--run-dir`/VOLUME.ctl).
+    pub control: PathBuf,
+    /// The NBD URI `engine start` printed.
+    pub uri: String,
+    running: bool,
+}
+
+impl HostedEngine {
+    pub fn start(host: &Replica, dir: &Path, volume: &str, replicas: &[&Replica]) -> HostedEngine {
+        Self::start_with(host, dir, volume, replicas, &[])
+    }
+
+    pub fn start_with(
+        host: &Replica,
+        dir: &Path,
+        volume: &str,
+        replicas: &[&Replica],
+        extra: &[&str],
+    ) -> HostedEngine {
+        Self::try_start(host, dir, volume, replicas, extra).unwrap_or_else(|out| {
+            panic!(
+                "engine start {volume} failed ({}):\n{}\nits daemon:\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr),
+                host.proc.log_text()
+            )
+        })
+    }
+
+    /// `engine start` in `host`'s daemon, with its NBD socket and run dir
+    /// in `dir`; what the CLI said if it failed.
+    pub fn try_start(
+        host: &Replica,
+        dir: &Path,
+        volume: &str,
+        replicas: &[&Replica],
+        extra: &[&str],
+    ) -> Result<HostedEngine, Output> {
+        let daemon = host.engine_control();
+        let socket = dir.join(format!("{volume}-{}.sock", now_ms()));
+        let nbd = format!("unix:{}", socket.display());
+        let mut args = vec!["engine", "start", "--daemon", daemon.to_str().unwrap()];
+        args.push(volume);
+        for r in replicas {
+            args.extend(["--replica", &r.addr]);
+        }
+        args.extend(["--nbd", &nbd, "--run-dir", dir.to_str().unwrap()]);
+        args.extend(extra);
+        let out = shorthorn_within(Duration::from_secs(60), &args);
+        if !out.status.success() {
+            return Err(out);
+        }
+        let uri = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert!(
+            uri.starts_with("nbd+unix://"),
+            "engine start printed no NBD URI: {uri:?}"
+        );
+        Ok(HostedEngine {
+            daemon,
+            volume: volume.to_string(),
+            socket,
+            control: dir.join(format!("{volume}.ctl")),
+            uri,
+            running: true,
+        })
+    }
+
+    pub fn uri(&self) -> String {
+        self.uri.clone()
+    }
+
+    /// `engine stop`; what the CLI said.
+    pub fn stop(&mut self) -> Output {
+        self.running = false;
+        engine_stop(&self.daemon, &self.volume)
+    }
+
+    /// Like [`stop`](Self::stop), panicking if the daemon refuses.
+    pub fn stop_ok(&mut self) {
+        let out = self.stop();
+        assert!(
+            out.status.success(),
+            "engine stop {} failed ({}): {}",
+            self.volume,
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The daemon went away with the engine in it: nothing to stop on drop.
+    pub fn forget(&mut self) {
+        self.running = false;
+    }
+}
+
+impl Drop for HostedEngine {
+    fn drop(&mut self) {
+        if self.running {
+            // The daemon may be gone already (the test killed it): then
+            // this fails at once, which is fine.
+            let _ = self.stop();
+        }
     }
 }
 
