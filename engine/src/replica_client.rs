@@ -13,10 +13,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use shorthorn_proto::{
-    EncodedFrame, FrameReader, FrameWriter, Generation, Hello, ProtoError, RemoteError, Reply,
-    Request, VolumeInfo, Welcome, PROTOCOL_VERSION,
+    EncodedFrame, FrameReader, FrameWriter, Generation, Hello, LocalEnd, ProtoError, RemoteError,
+    Reply, Request, VolumeInfo, Welcome, PROTOCOL_VERSION,
 };
-use tokio::io::{AsyncRead, AsyncWrite, DuplexStream};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -51,7 +51,7 @@ type BoxRead = Box<dyn AsyncRead + Unpin + Send>;
 type BoxWrite = Box<dyn AsyncWrite + Unpin + Send>;
 
 /// Opens an in-process connection to a replica daemon.
-pub type LocalDial = Arc<dyn Fn() -> DuplexStream + Send + Sync>;
+pub type LocalDial = Arc<dyn Fn() -> LocalEnd + Send + Sync>;
 
 /// Replica daemons living in this very process, by the addresses engines
 /// name them with. An engine hosted by a replica daemon reaches that
@@ -146,25 +146,27 @@ impl ReplicaClient {
             addr: addr.to_string(),
             reason,
         };
-        let (rd, wr): (BoxRead, BoxWrite) = match local_dial(addr) {
-            Some(dial) => {
-                let (rd, wr) = tokio::io::split(dial());
-                (Box::new(rd), Box::new(wr))
-            }
-            None => {
-                let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
-                    .await
-                    .map_err(|_| connect_err(format!("no answer within {timeout:?}")))?
-                    .map_err(|e| connect_err(e.to_string()))?;
-                stream
-                    .set_nodelay(true)
-                    .map_err(|e| connect_err(e.to_string()))?;
-                let (rd, wr) = stream.into_split();
-                (Box::new(rd), Box::new(wr))
-            }
-        };
-        let mut reader = FrameReader::new(rd);
-        let mut writer = FrameWriter::new(wr);
+        let (mut reader, mut writer): (FrameReader<BoxRead>, FrameWriter<BoxWrite>) =
+            match local_dial(addr) {
+                Some(dial) => {
+                    let (rx, tx) = dial().split();
+                    (FrameReader::local(rx), FrameWriter::local(tx))
+                }
+                None => {
+                    let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+                        .await
+                        .map_err(|_| connect_err(format!("no answer within {timeout:?}")))?
+                        .map_err(|e| connect_err(e.to_string()))?;
+                    stream
+                        .set_nodelay(true)
+                        .map_err(|e| connect_err(e.to_string()))?;
+                    let (rd, wr) = stream.into_split();
+                    (
+                        FrameReader::new(Box::new(rd)),
+                        FrameWriter::new(Box::new(wr)),
+                    )
+                }
+            };
 
         let hello = Request::Hello(Hello {
             version: PROTOCOL_VERSION,

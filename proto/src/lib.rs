@@ -15,7 +15,7 @@ pub mod membership;
 pub mod message;
 pub mod units;
 
-pub use codec::{FrameReader, FrameWriter};
+pub use codec::{local_link, FrameReader, FrameWriter, LocalEnd};
 pub use error::{ErrorCode, ProtoError, RemoteError};
 pub use frame::{EncodedFrame, RawFrame, FRAME_HEADER_LEN, MAGIC, MAX_BODY_LEN, MAX_IO_LEN};
 pub use membership::{Member, MemberState, Membership};

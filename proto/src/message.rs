@@ -254,10 +254,9 @@ impl Request {
     }
 
     pub fn decode(frame: &RawFrame) -> Result<Request, ProtoError> {
-        let body = &frame.body;
         let req = match frame.kind {
             kind::HELLO => {
-                let mut r = FieldReader::new("hello", body);
+                let mut r = FieldReader::of("hello", frame);
                 let h = Hello {
                     version: r.u8()?,
                     client: r.string()?,
@@ -267,21 +266,21 @@ impl Request {
                 r.end()?;
                 Request::Hello(h)
             }
-            kind::PING => empty("ping", body, Request::Ping)?,
-            kind::FLUSH => empty("flush", body, Request::Flush)?,
-            kind::LIST_VOLUMES => empty("list_volumes", body, Request::ListVolumes)?,
-            kind::GET_STATE => empty("get_state", body, Request::GetState)?,
+            kind::PING => empty("ping", frame, Request::Ping)?,
+            kind::FLUSH => empty("flush", frame, Request::Flush)?,
+            kind::LIST_VOLUMES => empty("list_volumes", frame, Request::ListVolumes)?,
+            kind::GET_STATE => empty("get_state", frame, Request::GetState)?,
             kind::SET_MEMBERSHIP => {
-                let mut r = FieldReader::new("set_membership", body);
+                let mut r = FieldReader::of("set_membership", frame);
                 let m = Membership::get(&mut r)?;
                 r.end()?;
                 Request::SetMembership(m)
             }
             kind::MARK_CLEAN => Request::MarkClean {
-                bitmap: body.clone(),
+                bitmap: FieldReader::of("mark_clean", frame).rest(),
             },
             kind::HASHES => {
-                let mut r = FieldReader::new("hashes", body);
+                let mut r = FieldReader::of("hashes", frame);
                 let req = Request::Hashes {
                     offset: r.u64()?,
                     len: r.u64()?,
@@ -291,7 +290,7 @@ impl Request {
                 req
             }
             kind::READ => {
-                let mut r = FieldReader::new("read", body);
+                let mut r = FieldReader::of("read", frame);
                 let req = Request::Read {
                     offset: r.u64()?,
                     len: r.u32()?,
@@ -300,7 +299,7 @@ impl Request {
                 req
             }
             kind::WRITE => {
-                let mut r = FieldReader::new("write", body);
+                let mut r = FieldReader::of("write", frame);
                 let offset = r.u64()?;
                 let flags = r.u32()?;
                 Request::Write {
@@ -310,7 +309,7 @@ impl Request {
                 }
             }
             kind::TRIM => {
-                let mut r = FieldReader::new("trim", body);
+                let mut r = FieldReader::of("trim", frame);
                 let req = Request::Trim {
                     offset: r.u64()?,
                     len: r.u64()?,
@@ -319,7 +318,7 @@ impl Request {
                 req
             }
             kind::WRITE_ZEROES => {
-                let mut r = FieldReader::new("write_zeroes", body);
+                let mut r = FieldReader::of("write_zeroes", frame);
                 let req = Request::WriteZeroes {
                     offset: r.u64()?,
                     len: r.u64()?,
@@ -329,7 +328,7 @@ impl Request {
                 req
             }
             kind::CREATE_VOLUME => {
-                let mut r = FieldReader::new("create_volume", body);
+                let mut r = FieldReader::of("create_volume", frame);
                 let req = Request::CreateVolume {
                     name: r.string()?,
                     size: r.u64()?,
@@ -338,7 +337,7 @@ impl Request {
                 req
             }
             kind::DELETE_VOLUME | kind::GET_VOLUME => {
-                let mut r = FieldReader::new("volume request", body);
+                let mut r = FieldReader::of("volume request", frame);
                 let name = r.string()?;
                 r.end()?;
                 if frame.kind == kind::DELETE_VOLUME {
@@ -419,7 +418,7 @@ impl Reply {
         let body = &frame.body;
         let reply = match frame.kind {
             kind::WELCOME => {
-                let mut r = FieldReader::new("welcome", body);
+                let mut r = FieldReader::of("welcome", frame);
                 let version = r.u8()?;
                 let server = r.string()?;
                 let volume = match r.u8()? {
@@ -433,11 +432,11 @@ impl Reply {
                     volume,
                 })
             }
-            kind::PONG => empty("pong", body, Reply::Pong)?,
-            kind::DONE => empty("done", body, Reply::Done)?,
-            kind::DATA => Reply::Data(body.clone()),
+            kind::PONG => empty("pong", frame, Reply::Pong)?,
+            kind::DONE => empty("done", frame, Reply::Done)?,
+            kind::DATA => Reply::Data(FieldReader::of("data", frame).rest()),
             kind::VOLUMES => {
-                let mut r = FieldReader::new("volumes", body);
+                let mut r = FieldReader::of("volumes", frame);
                 let n = r.u32()?;
                 // Each entry needs at least 18 bytes, so a count that cannot
                 // fit in the body is refused before anything is allocated.
@@ -452,20 +451,20 @@ impl Reply {
                 Reply::Volumes(list)
             }
             kind::VOLUME => {
-                let mut r = FieldReader::new("volume", body);
+                let mut r = FieldReader::of("volume", frame);
                 let v = get_volume(&mut r)?;
                 r.end()?;
                 Reply::Volume(v)
             }
             kind::CREATED => {
-                let mut r = FieldReader::new("created", body);
+                let mut r = FieldReader::of("created", frame);
                 let info = get_volume(&mut r)?;
                 let created = r.u8()? != 0;
                 r.end()?;
                 Reply::Created { info, created }
             }
             kind::STATE => {
-                let mut r = FieldReader::new("state", body);
+                let mut r = FieldReader::of("state", frame);
                 let replica_id = r.string()?;
                 let membership = Membership::get(&mut r)?;
                 let region_size = r.u64()?;
@@ -477,7 +476,7 @@ impl Reply {
                 })
             }
             kind::HASH_LIST => {
-                let mut r = FieldReader::new("hashes", body);
+                let mut r = FieldReader::of("hashes", frame);
                 let n = r.u32()? as usize;
                 if n > body.len() / 8 {
                     return Err(ProtoError::malformed("hashes", "count exceeds body"));
@@ -490,7 +489,7 @@ impl Reply {
                 Reply::Hashes(list)
             }
             kind::ERROR => {
-                let mut r = FieldReader::new("error", body);
+                let mut r = FieldReader::of("error", frame);
                 let code = ErrorCode::from_u16(r.u16()?);
                 let message = r.string()?;
                 r.end()?;
@@ -502,8 +501,8 @@ impl Reply {
     }
 }
 
-fn empty<T>(kind: &'static str, body: &Bytes, value: T) -> Result<T, ProtoError> {
-    FieldReader::new(kind, body).end()?;
+fn empty<T>(kind: &'static str, frame: &RawFrame, value: T) -> Result<T, ProtoError> {
+    FieldReader::of(kind, frame).end()?;
     Ok(value)
 }
 
@@ -534,6 +533,10 @@ mod tests {
         assert!(buf.is_empty());
         assert_eq!(raw.id, 42);
         assert_eq!(Request::decode(&raw).unwrap(), req);
+        // The same frame over an in-process link, payload kept apart.
+        let local = RawFrame::from_local(enc).unwrap();
+        assert_eq!((local.kind, local.id), (raw.kind, raw.id));
+        assert_eq!(Request::decode(&local).unwrap(), req);
     }
 
     fn round_trip_reply(reply: Reply) {
@@ -542,6 +545,9 @@ mod tests {
         let raw = decode_frame(&mut buf).unwrap().unwrap();
         assert_eq!(raw.id, 7);
         assert_eq!(Reply::decode(&raw).unwrap(), reply);
+        let local = RawFrame::from_local(enc).unwrap();
+        assert_eq!((local.kind, local.id), (raw.kind, raw.id));
+        assert_eq!(Reply::decode(&local).unwrap(), reply);
     }
 
     fn info(name: &str) -> VolumeInfo {
@@ -724,20 +730,12 @@ mod tests {
             Err(ProtoError::Malformed { .. })
         ));
 
-        let raw = RawFrame {
-            kind: 0x10,
-            id: 1,
-            body: Bytes::from_static(&[1, 2, 3]),
-        };
+        let raw = RawFrame::new(0x10, 1, Bytes::from_static(&[1, 2, 3]));
         assert!(matches!(
             Request::decode(&raw),
             Err(ProtoError::Malformed { .. })
         ));
-        let raw = RawFrame {
-            kind: 0x55,
-            id: 1,
-            body: Bytes::new(),
-        };
+        let raw = RawFrame::new(0x55, 1, Bytes::new());
         assert!(matches!(
             Request::decode(&raw),
             Err(ProtoError::UnknownKind(0x55))

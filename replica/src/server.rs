@@ -12,10 +12,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shorthorn_proto::{
-    EncodedFrame, ErrorCode, FrameReader, FrameWriter, Generation, Hello, ProtoError, RawFrame,
-    RemoteError, Reply, Request, VolumeInfo, VolumeName, Welcome, MAX_IO_LEN, PROTOCOL_VERSION,
+    local_link, EncodedFrame, ErrorCode, FrameReader, FrameWriter, Generation, Hello, LocalEnd,
+    ProtoError, RawFrame, RemoteError, Reply, Request, VolumeInfo, VolumeName, Welcome, MAX_IO_LEN,
+    PROTOCOL_VERSION,
 };
-use tokio::io::{AsyncRead, AsyncWrite, DuplexStream};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn, Instrument};
@@ -88,11 +89,6 @@ pub struct Server {
     conn_ids: AtomicU64,
 }
 
-/// Room in each direction of an in-process connection: a few 128 KiB
-/// writes. A writer finding it full waits for the reader, as on a socket,
-/// so in-flight data is not held twice in memory.
-const LOCAL_PIPE_BYTES: usize = 1 << 20;
-
 impl Server {
     pub fn new(store: Arc<Store>, config: ServerConfig) -> Arc<Server> {
         Arc::new(Server {
@@ -135,26 +131,36 @@ impl Server {
                 continue;
             }
             let (rd, wr) = stream.into_split();
-            self.spawn_connection(rd, wr, peer.to_string(), Some(permit));
+            self.spawn_connection(
+                FrameReader::new(rd),
+                FrameWriter::new(wr),
+                peer.to_string(),
+                Some(permit),
+            );
         }
     }
 
     /// A connection to this daemon that never leaves the process: for an
-    /// engine hosted here, whose replica on this node is then one memory
-    /// copy away instead of a loopback TCP round trip. The other end is
-    /// served exactly like a TCP connection: same handshake, fencing,
-    /// checksums and limits.
-    pub fn connect_local(self: &Arc<Self>) -> DuplexStream {
-        let (engine_end, server_end) = tokio::io::duplex(LOCAL_PIPE_BYTES);
-        let (rd, wr) = tokio::io::split(server_end);
-        self.spawn_connection(rd, wr, "in-process".to_string(), None);
+    /// engine hosted here, whose replica on this node is then a channel
+    /// away instead of a loopback TCP round trip. Frames pass as they are
+    /// (no bytes, no copies of the data); the other end is served exactly
+    /// like a TCP connection: same handshake, fencing and limits.
+    pub fn connect_local(self: &Arc<Self>) -> LocalEnd {
+        let (engine_end, server_end) = local_link();
+        let (rx, tx) = server_end.split();
+        self.spawn_connection(
+            FrameReader::<tokio::io::Empty>::local(rx),
+            FrameWriter::<tokio::io::Sink>::local(tx),
+            "in-process".to_string(),
+            None,
+        );
         engine_end
     }
 
     fn spawn_connection<R, W>(
         self: &Arc<Self>,
-        rd: R,
-        wr: W,
+        reader: FrameReader<R>,
+        writer: FrameWriter<W>,
         peer: String,
         permit: Option<OwnedSemaphorePermit>,
     ) where
@@ -166,7 +172,7 @@ impl Server {
         let server = self.clone();
         tokio::spawn(
             async move {
-                if let Err(e) = server.handle_connection(rd, wr, &peer).await {
+                if let Err(e) = server.handle_connection(reader, writer, &peer).await {
                     debug!(error = %e, "connection ended with an error");
                 }
                 drop(permit);
@@ -212,14 +218,17 @@ impl Session {
 }
 
 impl Server {
-    async fn handle_connection<R, W>(&self, rd: R, wr: W, peer: &str) -> Result<(), ProtoError>
+    async fn handle_connection<R, W>(
+        &self,
+        mut reader: FrameReader<R>,
+        mut writer: FrameWriter<W>,
+        peer: &str,
+    ) -> Result<(), ProtoError>
     where
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
         let (store, states, config) = (&self.store, &self.states, &self.config);
-        let mut reader = FrameReader::new(rd);
-        let mut writer = FrameWriter::new(wr);
 
         let first = match tokio::time::timeout(config.handshake_timeout, reader.read_frame()).await
         {
