@@ -6,8 +6,11 @@
 //! tagged with a request id; replies may come back in any order.
 //!
 //! This crate owns the bytes on the wire and nothing else: it never touches a
-//! disk and never decides what a request means.
+//! disk and never decides what a request means. It also holds the
+//! [`aligned`] buffers both sides put IO data in, so that data received by
+//! an engine can reach a replica's O_DIRECT files without another copy.
 
+pub mod aligned;
 pub mod codec;
 pub mod error;
 pub mod frame;

@@ -29,8 +29,11 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long shutdown waits for connections to answer their in-flight
 /// requests before cutting them off.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
-/// Read buffer of a connection: several small requests per syscall.
-const READ_BUFFER: usize = 128 * 1024;
+/// Read buffer of a connection: several small requests per syscall, but
+/// smaller than a large write's payload, whose rest the buffered reader then
+/// reads straight into the payload's own (aligned) memory instead of
+/// copying it out of this buffer.
+const READ_BUFFER: usize = 32 * 1024;
 
 /// How the server presents its one export.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -18,7 +18,7 @@
 //! The trait is object-safe and takes owned buffers and `Arc<File>`s, so a
 //! wrapper (fault injection, metrics) can sit in front of either engine.
 
-pub mod aligned;
+pub use shorthorn_proto::aligned;
 pub mod fault;
 mod sync;
 mod uring;

@@ -8,7 +8,9 @@
 //!
 //! Reads land in an `AlignedBuf` and leave as [`Bytes`] without a copy
 //! ([`AlignedBuf::into_bytes`]); writes whose payload is not aligned are
-//! copied into one first.
+//! copied into one first. An engine receives block-sized writes from its
+//! clients straight into one ([`AlignedBuf::read_from`]), so a replica in the
+//! same process writes them to disk as they are.
 
 use std::alloc::Layout;
 use std::ops::{Deref, DerefMut};
@@ -85,6 +87,39 @@ impl AlignedBuf {
         AlignedBuf { ptr, len }
     }
 
+    /// Exactly `len` bytes read from `reader` into aligned memory, with no
+    /// zeroing and no copy on the way. Fails with `UnexpectedEof` if the
+    /// stream ends first.
+    pub async fn read_from<R>(reader: &mut R, len: usize) -> std::io::Result<AlignedBuf>
+    where
+        R: tokio::io::AsyncRead + Unpin,
+    {
+        use tokio::io::AsyncReadExt;
+        if len == 0 {
+            return Ok(AlignedBuf::empty());
+        }
+        let buf = AlignedBuf {
+            ptr: AlignedBuf::allocate(len),
+            len,
+        };
+        // SAFETY: `buf` owns `len` bytes at `ptr`; they are only written
+        // through `ReadBuf`, which tracks how many are initialised, and the
+        // buffer is returned only once all `len` are.
+        let spare = unsafe {
+            std::slice::from_raw_parts_mut(
+                buf.ptr.as_ptr().cast::<std::mem::MaybeUninit<u8>>(),
+                len,
+            )
+        };
+        let mut read = tokio::io::ReadBuf::uninit(spare);
+        while read.remaining() > 0 {
+            if reader.read_buf(&mut read).await? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+        Ok(buf)
+    }
+
     fn empty() -> AlignedBuf {
         // A zero-length slice may start anywhere non-null; this one is even
         // aligned, so `is_aligned` holds for every `AlignedBuf`.
@@ -159,6 +194,41 @@ impl std::fmt::Debug for AlignedBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn read_from_fills_aligned_memory_from_a_trickling_stream() {
+        let data: Vec<u8> = (0..3 * IO_ALIGN).map(|i| (i * 7 % 251) as u8).collect();
+        let (mut tx, mut rx) = tokio::io::duplex(1000);
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            // Odd-sized pieces, so the reader needs many reads.
+            for piece in sent.chunks(333) {
+                tx.write_all(piece).await.unwrap();
+            }
+            tx.write_all(b"next").await.unwrap();
+        });
+        let buf = AlignedBuf::read_from(&mut rx, data.len()).await.unwrap();
+        assert!(is_aligned(&buf));
+        assert_eq!(&buf[..], &data[..]);
+        // Nothing past `len` was taken from the stream.
+        let mut rest = [0u8; 4];
+        tokio::io::AsyncReadExt::read_exact(&mut rx, &mut rest)
+            .await
+            .unwrap();
+        assert_eq!(&rest, b"next");
+        writer.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn read_from_a_stream_that_ends_early_is_an_error() {
+        let short = vec![1u8; IO_ALIGN - 1];
+        let err = AlignedBuf::read_from(&mut &short[..], IO_ALIGN)
+            .await
+            .err()
+            .expect("a short stream filled a buffer");
+        assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);
+    }
 
     #[test]
     fn buffers_are_aligned_and_hold_their_bytes() {
