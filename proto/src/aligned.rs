@@ -94,21 +94,48 @@ impl AlignedBuf {
     where
         R: tokio::io::AsyncRead + Unpin,
     {
+        AlignedBuf::read_after(reader, 0, &[], len).await
+    }
+
+    /// `pad` zero bytes, then `prefix`, then the rest of `len` bytes read
+    /// from `reader`: a block of data whose first `pad` bytes belong to
+    /// something before it (a frame's fields), so that what follows them
+    /// starts on an aligned address. `pad` is below [`IO_ALIGN`].
+    pub async fn read_after<R>(
+        reader: &mut R,
+        pad: usize,
+        prefix: &[u8],
+        len: usize,
+    ) -> std::io::Result<AlignedBuf>
+    where
+        R: tokio::io::AsyncRead + Unpin,
+    {
         use tokio::io::AsyncReadExt;
-        if len == 0 {
+        assert!(pad < IO_ALIGN && prefix.len() <= len);
+        let total = pad + len;
+        if total == 0 {
             return Ok(AlignedBuf::empty());
         }
         let buf = AlignedBuf {
-            ptr: AlignedBuf::allocate(len),
-            len,
+            ptr: AlignedBuf::allocate(total),
+            len: total,
         };
-        // SAFETY: `buf` owns `len` bytes at `ptr`; they are only written
-        // through `ReadBuf`, which tracks how many are initialised, and the
-        // buffer is returned only once all `len` are.
+        // SAFETY: `buf` owns `total` bytes at `ptr`. The pad and prefix are
+        // written here; the rest only through `ReadBuf`, which tracks what
+        // is initialised, and the buffer is returned only once all is.
+        unsafe {
+            std::ptr::write_bytes(buf.ptr.as_ptr(), 0, pad);
+            std::ptr::copy_nonoverlapping(prefix.as_ptr(), buf.ptr.as_ptr().add(pad), prefix.len());
+        }
+        let start = pad + prefix.len();
+        // SAFETY: as above; the slice is the not yet written tail.
         let spare = unsafe {
             std::slice::from_raw_parts_mut(
-                buf.ptr.as_ptr().cast::<std::mem::MaybeUninit<u8>>(),
-                len,
+                buf.ptr
+                    .as_ptr()
+                    .add(start)
+                    .cast::<std::mem::MaybeUninit<u8>>(),
+                total - start,
             )
         };
         let mut read = tokio::io::ReadBuf::uninit(spare);

@@ -33,6 +33,10 @@ pub const MAX_IO_LEN: u32 = 4 << 20;
 /// Largest body accepted: one full IO payload plus room for fields.
 pub const MAX_BODY_LEN: u32 = MAX_IO_LEN + 64 * 1024;
 
+/// Bodies this long or longer are received into a buffer of their own,
+/// placed so that a data payload lands IO-aligned (`FrameReader`).
+pub(crate) const LARGE_BODY: usize = 64 * 1024;
+
 /// A received frame whose checksum has been verified, body not yet parsed.
 #[derive(Debug, Clone)]
 pub struct RawFrame {
@@ -184,7 +188,11 @@ pub fn decode_frame(buf: &mut BytesMut) -> Result<Option<RawFrame>, ProtoError> 
     }
     let total = FRAME_HEADER_LEN + body_len as usize;
     if buf.len() < total {
-        buf.reserve(total - buf.len());
+        // A large body is read into memory of its own (`FrameReader`);
+        // growing this buffer for it would copy what is here already.
+        if (body_len as usize) < LARGE_BODY {
+            buf.reserve(total - buf.len());
+        }
         return Ok(None);
     }
     let mut crc = crc32fast::Hasher::new();
@@ -201,6 +209,29 @@ pub fn decode_frame(buf: &mut BytesMut) -> Result<Option<RawFrame>, ProtoError> 
     buf.advance(FRAME_HEADER_LEN);
     let body = buf.split_to(body_len as usize).freeze();
     Ok(Some(RawFrame::new(kind, id, body)))
+}
+
+/// Verifies a frame whose header was checked by [`decode_frame`] and whose
+/// body was received apart from it.
+pub(crate) fn finish_large(
+    header: &[u8; FRAME_HEADER_LEN],
+    body: Bytes,
+) -> Result<RawFrame, ProtoError> {
+    let kind = header[5];
+    let id = u64::from_le_bytes(header[8..16].try_into().unwrap());
+    let expected = u32::from_le_bytes(header[20..24].try_into().unwrap());
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&header[..20]);
+    crc.update(&body);
+    let actual = crc.finalize();
+    if actual != expected {
+        return Err(ProtoError::Checksum {
+            id,
+            expected,
+            actual,
+        });
+    }
+    Ok(RawFrame::new(kind, id, body))
 }
 
 fn magic_of(bytes: &[u8]) -> u32 {

@@ -139,6 +139,18 @@ pub enum Reply {
     Error(RemoteError),
 }
 
+/// Where a frame's data payload starts in its body, for the kinds that
+/// carry block data: a reader places such a body so that the payload lands
+/// on an IO-aligned address (see `FrameReader`).
+pub(crate) fn payload_offset(kind: u8) -> Option<usize> {
+    match kind {
+        // offset (u64) and flags (u32), then the data.
+        kind::WRITE => Some(12),
+        kind::DATA => Some(0),
+        _ => None,
+    }
+}
+
 mod kind {
     pub const HELLO: u8 = 0x01;
     pub const PING: u8 = 0x02;
