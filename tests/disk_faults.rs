@@ -51,7 +51,11 @@ impl FaultyReplica {
             io_engine: io_engine.to_string(),
         };
         let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(&addr).is_err() {
+        // Its own log line, not only the port: a port picked free a moment
+        // ago may already answer for another test's daemon.
+        while std::net::TcpStream::connect(&addr).is_err()
+            || !log_of(&replica.proc).contains("replica daemon serving")
+        {
             assert!(
                 replica.proc.is_running(),
                 "replica daemon exited:\n{}",

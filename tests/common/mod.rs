@@ -151,7 +151,11 @@ impl Replica {
                 "replica daemon exited:\n{}",
                 self.proc.log_text()
             );
-            if TcpStream::connect(&addr).is_ok() {
+            // Its own log line too, not only the port: a port picked free a
+            // moment ago may already answer for another test's daemon.
+            if TcpStream::connect(&addr).is_ok()
+                && self.proc.log_text().contains("replica daemon serving")
+            {
                 return;
             }
             assert!(Instant::now() < deadline, "replica daemon never listened");
