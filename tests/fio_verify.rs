@@ -25,30 +25,10 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 /// What the engine logs when it drops a replica from the healthy set.
 const DROPPED: &str = "dropped from the healthy set";
 
-/// Random writes at queue depth 32, each block verified with crc32c.
-fn random_write_job(block_size: &str, extra: &[&str]) -> Vec<String> {
-    let size = format!("--size={FIO_SIZE}");
-    [
-        "--rw=randwrite",
-        block_size,
-        "--iodepth=32",
-        "--verify=crc32c",
-    ]
-    .into_iter()
-    .chain([size.as_str()])
-    .chain(extra.iter().copied())
-    .map(String::from)
-    .collect()
-}
-
-fn args(job: &[String]) -> Vec<&str> {
-    job.iter().map(String::as_str).collect()
-}
-
 /// Runs `job` against `uri` and asserts fio saw no error of any kind and
 /// read back (verified) the whole volume.
 fn run_clean(dir: &Path, name: &str, uri: &str, job: &[String]) -> FioReport {
-    let report = Fio::run(dir, name, uri, &args(job), FIO_TIMEOUT);
+    let report = Fio::run(dir, name, uri, &as_args(job), FIO_TIMEOUT);
     report.assert_clean();
     assert_eq!(
         report.io_bytes("read"),
@@ -86,7 +66,7 @@ fn write_and_verify(volume: &str, block_size: &str, extra: &[&str]) {
     let uring = Replica::start(&tmp.path().join("uring"), "uring");
     let sync = Replica::start(&tmp.path().join("sync"), "sync");
     create_volume(volume, VOLUME_SIZE, &[&uring, &sync]);
-    let job = random_write_job(block_size, extra);
+    let job = verified_random_writes(block_size, FIO_SIZE, extra);
 
     let mut engine = Engine::start(tmp.path(), volume, &[&uring, &sync]);
     let report = run_clean(tmp.path(), volume, &engine.uri(), &job);
@@ -131,10 +111,10 @@ fn kill_a_replica_mid_run(volume: &str, kill_first: bool) {
     create_volume(volume, VOLUME_SIZE, &[&first, &second]);
     // Verify as it goes (every 1024 writes), so reads are in flight too
     // when the replica dies.
-    let job = random_write_job("--bs=4k", &["--verify_backlog=1024"]);
+    let job = verified_random_writes("--bs=4k", FIO_SIZE, &["--verify_backlog=1024"]);
 
     let mut engine = Engine::start(tmp.path(), volume, &[&first, &second]);
-    let mut fio = Fio::start(tmp.path(), volume, &engine.uri(), &args(&job));
+    let mut fio = Fio::start(tmp.path(), volume, &engine.uri(), &as_args(&job));
     let (victim, survivor) = if kill_first {
         (&mut first, &mut second)
     } else {

@@ -31,27 +31,6 @@ const IN_PROCESS: &str = "peer=in-process";
 /// What the engine logs when it drops a replica from the healthy set.
 const DROPPED: &str = "dropped from the healthy set";
 
-/// Random 4k writes at queue depth 32 over the whole volume, each block
-/// verified with crc32c.
-fn verified_random_writes(extra: &[&'static str]) -> Vec<String> {
-    let size = format!("--size={FIO_SIZE}");
-    [
-        "--rw=randwrite",
-        "--bs=4k",
-        "--iodepth=32",
-        "--verify=crc32c",
-    ]
-    .into_iter()
-    .chain([size.as_str()])
-    .chain(extra.iter().copied())
-    .map(String::from)
-    .collect()
-}
-
-fn args(job: &[String]) -> Vec<&str> {
-    job.iter().map(String::as_str).collect()
-}
-
 fn text(out: &Output) -> String {
     format!(
         "{}{}",
@@ -135,12 +114,12 @@ fn hosted_engine_passes_fio_verify_and_reaches_its_own_replica_in_memory() {
         engine.uri,
         engine.socket.display()
     );
-    let job = verified_random_writes(&[]);
+    let job = verified_random_writes("--bs=4k", FIO_SIZE, &[]);
     let report = Fio::run(
         tmp.path(),
         "hosted",
         &engine.uri(),
-        &args(&job),
+        &as_args(&job),
         FIO_TIMEOUT,
     );
     report.assert_clean();
@@ -191,8 +170,8 @@ fn hosted_engine_carries_on_when_the_other_daemon_is_killed_and_takes_it_back() 
         &["--io-timeout-ms", "2000"],
     );
     // Verify as it goes, so reads are in flight too when the daemon dies.
-    let job = verified_random_writes(&["--verify_backlog=1024"]);
-    let mut fio = Fio::start(tmp.path(), "survive", &engine.uri(), &args(&job));
+    let job = verified_random_writes("--bs=4k", FIO_SIZE, &["--verify_backlog=1024"]);
+    let mut fio = Fio::start(tmp.path(), "survive", &engine.uri(), &as_args(&job));
 
     // Kill once fio's writes are visibly landing on daemon 2, a quarter of
     // the way through: the rest of the writes go to the local replica only.

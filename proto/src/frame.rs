@@ -195,17 +195,7 @@ pub fn decode_frame(buf: &mut BytesMut) -> Result<Option<RawFrame>, ProtoError> 
         }
         return Ok(None);
     }
-    let mut crc = crc32fast::Hasher::new();
-    crc.update(&buf[..20]);
-    crc.update(&buf[FRAME_HEADER_LEN..total]);
-    let actual = crc.finalize();
-    if actual != expected {
-        return Err(ProtoError::Checksum {
-            id,
-            expected,
-            actual,
-        });
-    }
+    check_sum(&buf[..20], &buf[FRAME_HEADER_LEN..total], id, expected)?;
     buf.advance(FRAME_HEADER_LEN);
     let body = buf.split_to(body_len as usize).freeze();
     Ok(Some(RawFrame::new(kind, id, body)))
@@ -220,9 +210,15 @@ pub(crate) fn finish_large(
     let kind = header[5];
     let id = u64::from_le_bytes(header[8..16].try_into().unwrap());
     let expected = u32::from_le_bytes(header[20..24].try_into().unwrap());
+    check_sum(&header[..20], &body, id, expected)?;
+    Ok(RawFrame::new(kind, id, body))
+}
+
+/// The frame checksum: crc32 over the header's first 20 bytes and the body.
+fn check_sum(header: &[u8], body: &[u8], id: u64, expected: u32) -> Result<(), ProtoError> {
     let mut crc = crc32fast::Hasher::new();
-    crc.update(&header[..20]);
-    crc.update(&body);
+    crc.update(header);
+    crc.update(body);
     let actual = crc.finalize();
     if actual != expected {
         return Err(ProtoError::Checksum {
@@ -231,7 +227,7 @@ pub(crate) fn finish_large(
             actual,
         });
     }
-    Ok(RawFrame::new(kind, id, body))
+    Ok(())
 }
 
 fn magic_of(bytes: &[u8]) -> u32 {

@@ -871,3 +871,25 @@ pub fn sigterm_and_wait(proc: &mut Proc, timeout: Duration) -> std::process::Exi
 }
 
 pub mod netns;
+
+/// fio options for random writes at queue depth 32 over `size` bytes, each
+/// block verified with crc32c; `extra` appended.
+pub fn verified_random_writes(block_size: &str, size: u64, extra: &[&str]) -> Vec<String> {
+    let size = format!("--size={size}");
+    [
+        "--rw=randwrite",
+        block_size,
+        "--iodepth=32",
+        "--verify=crc32c",
+    ]
+    .into_iter()
+    .chain([size.as_str()])
+    .chain(extra.iter().copied())
+    .map(String::from)
+    .collect()
+}
+
+/// A job's options as the `&str` slice `Fio` takes.
+pub fn as_args(job: &[String]) -> Vec<&str> {
+    job.iter().map(String::as_str).collect()
+}
