@@ -250,11 +250,10 @@ mod tests {
     #[tokio::test]
     async fn read_from_a_stream_that_ends_early_is_an_error() {
         let short = vec![1u8; IO_ALIGN - 1];
-        let err = AlignedBuf::read_from(&mut &short[..], IO_ALIGN)
-            .await
-            .err()
-            .expect("a short stream filled a buffer");
-        assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);
+        match AlignedBuf::read_from(&mut &short[..], IO_ALIGN).await {
+            Ok(_) => panic!("a short stream filled a buffer"),
+            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof),
+        }
     }
 
     #[test]
