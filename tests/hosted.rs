@@ -3,8 +3,9 @@
 //! verify and reaches its own daemon's replica in memory, carries on when
 //! the other replica's daemon is killed and takes it back when it returns,
 //! bad requests are refused with a clear message while the daemon keeps
-//! serving, and SIGTERM stops the daemon's engines (flushed) before it
-//! exits.
+//! serving, SIGTERM stops the daemon's engines (flushed) before it exits,
+//! and a kill -9 of the hosting daemon (engine and local replica at once)
+//! loses no flushed write and is reconciled cheaply on restart.
 //!
 //! Daemon 1 hosts the engine and runs io_uring; daemon 2 runs plain
 //! pread/pwrite, so both disk IO engines carry the hosted path.
@@ -474,6 +475,59 @@ fn sigterm_stops_hosted_engines_first_and_their_data_is_kept() {
     assert_eq!(healthy(tmp.path(), "term"), 2);
     engine.stop_ok();
     assert_identical("term", &[&host, &other]);
+}
+
+/// kill -9 of the daemon hosting the engine takes the engine and the local
+/// replica down together, mid-write. A fresh daemon and engine on the same
+/// port reconcile the replicas cheaply (only regions that may have been in
+/// flight), every flushed write is there, and the replicas end identical.
+#[test]
+fn kill9_of_the_hosting_daemon_keeps_flushed_writes_and_reconciles() {
+    let tmp = tempfile::tempdir().unwrap();
+    let host_dir = tmp.path().join("host");
+    let mut host = Replica::start_hosting(&host_dir, "uring");
+    let other = Replica::start(&tmp.path().join("other"), "sync");
+    let volume_size: u64 = 64 << 20;
+    create_volume("crash", "64MiB", &[&host, &other]);
+    let mut engine = HostedEngine::start(&host, tmp.path(), "crash", &[&host, &other]);
+    qemu_io_ok(&engine.uri(), &["write -P 0x3c 0 4M", "flush"]);
+    let before = allocated_bytes(&other.dir);
+    let busy = Fio::start(
+        tmp.path(),
+        "busy",
+        &engine.uri(),
+        &[
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=32",
+            "--offset=16M",
+            "--size=16M",
+            "--time_based",
+            "--runtime=30",
+        ],
+    );
+    wait_until("fio to write", STEP, || {
+        allocated_bytes(&other.dir) >= before + (2 << 20)
+    });
+    host.proc.kill9();
+    engine.forget();
+    drop(busy);
+
+    let addr = host.addr.clone();
+    drop(host);
+    let host = Replica::start_hosting_at(&host_dir, "uring", &addr);
+    let mut engine = HostedEngine::start(&host, tmp.path(), "crash", &[&host, &other]);
+    qemu_io_ok(&engine.uri(), &["read -P 0x3c 0 4M", "read -P 0 32M 32M"]);
+    let status = status_json(tmp.path(), "crash");
+    assert_eq!(status["healthy"], 2, "{status:#}");
+    let compared = status["reconcile"]["bytes_compared"].as_u64().unwrap();
+    assert!(
+        compared > 0 && compared <= volume_size / 2,
+        "reconciliation compared {compared} bytes of a {volume_size}-byte volume \
+         (fio wrote 16 MiB of it):\n{status:#}"
+    );
+    engine.stop_ok();
+    assert_identical("crash", &[&host, &other]);
 }
 
 /// Three `engine start` requests for one volume at once: exactly one engine
