@@ -72,20 +72,7 @@ fn an_older_engine_stops_even_where_the_newer_one_has_not_reached() {
     // The operator said the other replica was gone, so it left the
     // volume; added back, it is rebuilt, and afterwards both hold exactly
     // the newer engine's view.
-    let out = shorthorn(&[
-        "volume",
-        "add-replica",
-        "split",
-        "--replica",
-        &r2.addr,
-        "--run-dir",
-        tmp.path().to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    add_replica(tmp.path(), "split", &r2.addr);
     wait_until(
         "the second replica to be rebuilt",
         std::time::Duration::from_secs(30),

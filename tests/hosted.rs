@@ -40,6 +40,31 @@ fn text(out: &Output) -> String {
     )
 }
 
+/// fio writing 4k blocks at random over 16 MiB at offset 16 MiB for up to
+/// 30 s, returned once 2 MiB more of them have landed on `other`: a client
+/// busy writing when something happens to the volume.
+fn busy_writer(dir: &Path, uri: &str, other: &Replica, iodepth: &str) -> Fio {
+    let before = allocated_bytes(&other.dir);
+    let busy = Fio::start(
+        dir,
+        "busy",
+        uri,
+        &[
+            "--rw=randwrite",
+            "--bs=4k",
+            iodepth,
+            "--offset=16M",
+            "--size=16M",
+            "--time_based",
+            "--runtime=30",
+        ],
+    );
+    wait_until("fio to write", STEP, || {
+        allocated_bytes(&other.dir) >= before + (2 << 20)
+    });
+    busy
+}
+
 fn healthy(dir: &Path, volume: &str) -> u64 {
     status_json(dir, volume)["healthy"].as_u64().unwrap_or(0)
 }
@@ -417,24 +442,7 @@ fn sigterm_stops_hosted_engines_first_and_their_data_is_kept() {
     );
     // A client busy writing elsewhere when the signal comes: it is answered
     // and disconnected, and does not hold the daemon up.
-    let before = allocated_bytes(&other.dir);
-    let busy = Fio::start(
-        tmp.path(),
-        "busy",
-        &engine.uri(),
-        &[
-            "--rw=randwrite",
-            "--bs=4k",
-            "--iodepth=16",
-            "--offset=16M",
-            "--size=16M",
-            "--time_based",
-            "--runtime=30",
-        ],
-    );
-    wait_until("fio to write", STEP, || {
-        allocated_bytes(&other.dir) >= before + (2 << 20)
-    });
+    let busy = busy_writer(tmp.path(), &engine.uri(), &other, "--iodepth=16");
 
     let control = host.engine_control();
     let started = Instant::now();
@@ -491,24 +499,7 @@ fn kill9_of_the_hosting_daemon_keeps_flushed_writes_and_reconciles() {
     create_volume("crash", "64MiB", &[&host, &other]);
     let mut engine = HostedEngine::start(&host, tmp.path(), "crash", &[&host, &other]);
     qemu_io_ok(&engine.uri(), &["write -P 0x3c 0 4M", "flush"]);
-    let before = allocated_bytes(&other.dir);
-    let busy = Fio::start(
-        tmp.path(),
-        "busy",
-        &engine.uri(),
-        &[
-            "--rw=randwrite",
-            "--bs=4k",
-            "--iodepth=32",
-            "--offset=16M",
-            "--size=16M",
-            "--time_based",
-            "--runtime=30",
-        ],
-    );
-    wait_until("fio to write", STEP, || {
-        allocated_bytes(&other.dir) >= before + (2 << 20)
-    });
+    let busy = busy_writer(tmp.path(), &engine.uri(), &other, "--iodepth=32");
     host.proc.kill9();
     engine.forget();
     drop(busy);

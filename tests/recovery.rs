@@ -207,20 +207,7 @@ fn added_replica_is_rebuilt_online_and_joins() {
             "--verify_backlog=256",
         ],
     );
-    let out = shorthorn(&[
-        "volume",
-        "add-replica",
-        "grow",
-        "--replica",
-        &b.addr,
-        "--run-dir",
-        tmp.path().to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    add_replica(tmp.path(), "grow", &b.addr);
     wait_healthy(tmp.path(), "grow", 2);
     fio.wait(STEP).assert_clean();
     let r = replica_status(tmp.path(), "grow", &b.addr);

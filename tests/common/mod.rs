@@ -398,6 +398,25 @@ pub fn status_json(dir: &Path, volume: &str) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
 }
 
+/// `shorthorn volume add-replica VOLUME --replica ADDR`, through the
+/// engine whose run dir is `dir`; panics with the CLI's message on failure.
+pub fn add_replica(dir: &Path, volume: &str, addr: &str) {
+    let out = shorthorn(&[
+        "volume",
+        "add-replica",
+        volume,
+        "--replica",
+        addr,
+        "--run-dir",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// An engine process serving one volume on a unix socket.
 pub struct Engine {
     pub proc: Proc,
