@@ -18,6 +18,25 @@ pub enum FioTarget {
     File(std::path::PathBuf),
     /// An NBD server, through fio's `nbd` engine (libnbd), by URI.
     Nbd(String),
+    /// Several files in one directory (`STEM.0`, `STEM.1`, ...), each with a
+    /// fio job of its own running the same shape at the same time, through
+    /// libaio with O_DIRECT: what the disk gives each copy of the data when
+    /// it holds several.
+    Copies {
+        dir: std::path::PathBuf,
+        stem: &'static str,
+        copies: usize,
+    },
+}
+
+impl FioTarget {
+    /// How many files, and fio jobs, the target has.
+    pub fn copies(&self) -> usize {
+        match self {
+            FioTarget::Copies { copies, .. } => *copies,
+            _ => 1,
+        }
+    }
 }
 
 /// One fio job: a shape run against a target for a time, or (prefill) once
@@ -56,7 +75,7 @@ impl Job<'_> {
             format!("--rw={}", self.shape.rw),
             format!("--bs={}k", self.shape.block_size_kib),
             format!("--iodepth={}", self.shape.iodepth),
-            "--numjobs=1".into(),
+            format!("--numjobs={}", self.target.copies()),
             // A fresh random sequence each run, and no map of blocks already
             // touched: keeps fio's own CPU cost, which competes with the
             // server on a small machine, low and equal for every target.
@@ -78,6 +97,13 @@ impl Job<'_> {
             FioTarget::Nbd(uri) => {
                 a.push("--ioengine=nbd".into());
                 a.push(format!("--uri={uri}"));
+            }
+            FioTarget::Copies { dir, stem, .. } => {
+                a.push("--ioengine=libaio".into());
+                a.push("--direct=1".into());
+                a.push(format!("--directory={}", dir.display()));
+                // fio expands `$jobnum`: job 0 gets STEM.0, job 1 STEM.1.
+                a.push(format!("--filename_format={stem}.$jobnum"));
             }
         }
         match self.timing {
@@ -262,5 +288,22 @@ mod tests {
         assert!(a.contains(&"--ioengine=nbd".to_string()));
         assert!(a.contains(&"--uri=nbd+unix:///?socket=/d/s.sock".to_string()));
         assert!(!a.iter().any(|x| x.starts_with("--direct")));
+        assert!(a.contains(&"--numjobs=1".to_string()));
+        let copies = FioTarget::Copies {
+            dir: "/d".into(),
+            stem: "raw-copy",
+            copies: 2,
+        };
+        let a = job(&copies).args(Path::new("/o.json"));
+        for want in [
+            "--numjobs=2",
+            "--group_reporting=1",
+            "--directory=/d",
+            "--filename_format=raw-copy.$jobnum",
+            "--direct=1",
+        ] {
+            assert!(a.iter().any(|x| x == want), "{want} missing from {a:?}");
+        }
+        assert!(!a.iter().any(|x| x.starts_with("--filename=")));
     }
 }

@@ -73,7 +73,10 @@ impl Table {
 /// The legend printed under the table.
 pub const LEGEND: &str = "Each cell: the figure, and in brackets its ratio to the raw disk in \
 the same run. IOPS and MiB/s: higher is better. Latency rows (mean completion latency, µs): \
-the ratio is latency / raw latency, so lower is better.";
+the ratio is latency / raw latency, so lower is better. raw-2-copies: two files on the same \
+disk written at once, each by its own fio job; the cell is what one of them got. Both of \
+shorthorn-2r's replicas live on this disk, so that is the most its writes can get here (on a \
+cluster each replica has a node's disk to itself).";
 
 /// The peak-RSS table: one line per server process.
 pub fn render_rss(rows: &[(String, Option<u64>)]) -> String {

@@ -11,11 +11,14 @@ pub const MARKER: &str = "<!-- shorthorn bench inserts each new run below this l
 const INTRODUCTION: &str = "# shorthorn benchmark results\n\
 \n\
 Written by `shorthorn bench` (see the README's \"Benchmarks\" section), newest run first.\n\
-Each run measures four targets of the same size in one work directory, one fio job at a\n\
+Each run measures targets of the same size in one work directory, one fio job at a\n\
 time: the raw disk (a file, fio `libaio`, `direct=1`), nbdkit's `file` plugin over a unix\n\
 socket, and shorthorn 1- and 2-replica volumes (replica daemons and engines on loopback;\n\
-fio's `nbd` engine for all three NBD targets). Absolute figures on shared 2-core machines\n\
-are noise; the ratios to the raw disk within one run are the result.\n";
+fio's `nbd` engine for all three NBD targets). For the write rows, newer runs also\n\
+measure `raw-2-copies`: two raw files written at once, the figure per file, which is the\n\
+most shorthorn-2r can write here with both replicas on this one disk.\n\
+Absolute figures on shared 2-core machines are noise; the ratios to the raw disk within\n\
+one run are the result.\n";
 
 /// Inserts `section` as the newest run in the results file at `path`,
 /// creating the file if needed.

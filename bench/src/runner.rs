@@ -149,7 +149,11 @@ fn measure(
     }
 
     let mut table = Table::new(&plan.workloads, &plan.targets);
-    let total = plan.workloads.len() * lab.targets.len();
+    let total = plan
+        .workloads
+        .iter()
+        .map(|&w| lab.targets.iter().filter(|(k, _)| k.runs(w)).count())
+        .sum::<usize>();
     let timing = Timing {
         ramp: plan.ramp,
         runtime: plan.runtime,
@@ -158,7 +162,7 @@ fn measure(
     let mut n = 0;
     let mut others_cpu = Vec::new();
     for &workload in &plan.workloads {
-        for (kind, target) in &lab.targets {
+        for (kind, target) in lab.targets.iter().filter(|(k, _)| k.runs(workload)) {
             n += 1;
             eprint!("[{n}/{total}] {} {} ... ", kind.name(), workload.name());
             let job = Job {
@@ -175,7 +179,10 @@ fn measure(
             if let Some(share) = others {
                 others_cpu.push((format!("{} {}", kind.name(), workload.name()), share));
             }
-            let Some(figure) = workload.figure(&r) else {
+            let Some(figure) = workload
+                .figure(&r)
+                .map(|f| workload.per_copy(f, target.copies()))
+            else {
                 bail!(
                     "fio did no {} IO on {}; see its report in {}",
                     workload.name(),

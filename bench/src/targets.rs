@@ -14,6 +14,7 @@ use clap::ValueEnum;
 
 use crate::fio::FioTarget;
 use crate::procs::{run_to_end, Proc, StopFlag};
+use crate::workload::Workload;
 use crate::EngineMode;
 
 /// One column of the results table.
@@ -31,14 +32,21 @@ pub enum TargetKind {
     /// A shorthorn volume with two replicas.
     #[value(name = "shorthorn-2r")]
     Shorthorn2r,
+    /// Two files in the work directory, each written by its own fio job at
+    /// the same time (libaio, O_DIRECT); each cell is what one of them got.
+    /// Both of shorthorn-2r's replicas live on this one disk, so this is the
+    /// most its writes can get here. Write workloads only.
+    #[value(name = "raw-2-copies")]
+    RawTwoCopies,
 }
 
 impl TargetKind {
-    pub const ALL: [TargetKind; 4] = [
+    pub const ALL: [TargetKind; 5] = [
         TargetKind::Raw,
         TargetKind::NbdkitFile,
         TargetKind::Shorthorn1r,
         TargetKind::Shorthorn2r,
+        TargetKind::RawTwoCopies,
     ];
 
     pub fn name(self) -> &'static str {
@@ -47,7 +55,15 @@ impl TargetKind {
             TargetKind::NbdkitFile => "nbdkit-file",
             TargetKind::Shorthorn1r => "shorthorn-1r",
             TargetKind::Shorthorn2r => "shorthorn-2r",
+            TargetKind::RawTwoCopies => "raw-2-copies",
         }
+    }
+
+    /// Whether the bench runs `workload` on this target. The two-copies
+    /// disk stands for shorthorn-2r's writes, which go to both replicas;
+    /// its reads go to one, so for them the raw disk is the comparison.
+    pub fn runs(self, workload: Workload) -> bool {
+        self != TargetKind::RawTwoCopies || workload.writes_only()
     }
 
     fn replicas(self) -> usize {
@@ -63,6 +79,10 @@ impl TargetKind {
 /// removes these and nothing else.
 const RAW_FILE: &str = "raw.img";
 const NBDKIT_FILE: &str = "nbdkit-file.img";
+/// The two-copies target's files: `raw-copy.0` and `raw-copy.1` (fio names
+/// them from the job number).
+const RAW_COPY_STEM: &str = "raw-copy";
+const RAW_COPIES: usize = 2;
 const REPLICA_DIRS: [&str; 2] = ["replica-1", "replica-2"];
 /// Replica daemon 1's engine-control socket when it hosts the engines.
 const ENGINE_CONTROL: &str = "r1-engines.ctl";
@@ -76,6 +96,9 @@ fn socket_name(kind: TargetKind) -> String {
 pub fn remove_leftovers(dir: &Path) -> anyhow::Result<()> {
     for name in [RAW_FILE, NBDKIT_FILE] {
         remove_if_present(&dir.join(name))?;
+    }
+    for i in 0..RAW_COPIES {
+        remove_if_present(&dir.join(format!("{RAW_COPY_STEM}.{i}")))?;
     }
     for kind in TargetKind::ALL {
         remove_if_present(&dir.join(socket_name(kind)))?;
@@ -155,6 +178,11 @@ impl Lab {
         for &kind in cfg.kinds {
             let target = match kind {
                 TargetKind::Raw => FioTarget::File(lab.dir.join(RAW_FILE)),
+                TargetKind::RawTwoCopies => FioTarget::Copies {
+                    dir: lab.dir.clone(),
+                    stem: RAW_COPY_STEM,
+                    copies: RAW_COPIES,
+                },
                 TargetKind::NbdkitFile => lab.start_nbdkit(cfg, stop)?,
                 TargetKind::Shorthorn1r | TargetKind::Shorthorn2r => {
                     lab.start_volume(cfg, kind, &replica_addrs[..kind.replicas()], stop)?

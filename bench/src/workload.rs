@@ -140,6 +140,11 @@ impl Workload {
         }
     }
 
+    /// Whether the workload only writes.
+    pub fn writes_only(self) -> bool {
+        self.side() == Side::Write
+    }
+
     /// The workload's figure from one fio run, in the unit of its metric;
     /// `None` when fio did no IO on the side that counts (a broken run, not
     /// a slow one).
@@ -160,6 +165,16 @@ impl Workload {
             // Latency rows are single-sided.
             Metric::LatencyUs => sides[0].clat_mean_ns / 1000.0,
         })
+    }
+
+    /// The figure of one of `copies` fio jobs that ran side by side and
+    /// were reported as a group: fio sums their IOPS and bandwidth, and
+    /// averages their latency.
+    pub fn per_copy(self, group_figure: f64, copies: usize) -> f64 {
+        match self.metric() {
+            Metric::Iops | Metric::MibPerSec => group_figure / copies.max(1) as f64,
+            Metric::LatencyUs => group_figure,
+        }
     }
 }
 
