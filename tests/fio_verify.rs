@@ -148,13 +148,7 @@ fn kill_a_replica_mid_run(volume: &str, kill_first: bool) {
         "replica {} ({}) killed {killed_at:?} into the fio run",
         victim.addr, victim.io_engine
     );
-    report.assert_clean();
-    assert_eq!(report.io_bytes("write"), FIO_SIZE);
-    assert_eq!(
-        report.io_bytes("read"),
-        FIO_SIZE,
-        "fio did not read back (verify) the whole volume"
-    );
+    report.assert_wrote_and_verified(FIO_SIZE);
     assert!(
         engine.proc.is_running(),
         "the engine died when a replica did:\n{}",

@@ -148,13 +148,7 @@ fn hosted_engine_passes_fio_verify_and_reaches_its_own_replica_in_memory() {
         &as_args(&job),
         FIO_TIMEOUT,
     );
-    report.assert_clean();
-    assert_eq!(report.io_bytes("write"), FIO_SIZE);
-    assert_eq!(
-        report.io_bytes("read"),
-        FIO_SIZE,
-        "fio did not read back (verify) the whole volume"
-    );
+    report.assert_wrote_and_verified(FIO_SIZE);
     assert_eq!(
         healthy(tmp.path(), "hosted"),
         2,
@@ -220,13 +214,7 @@ fn hosted_engine_carries_on_when_the_other_daemon_is_killed_and_takes_it_back() 
          fio done at {:?}",
         started.elapsed()
     );
-    report.assert_clean();
-    assert_eq!(report.io_bytes("write"), FIO_SIZE);
-    assert_eq!(
-        report.io_bytes("read"),
-        FIO_SIZE,
-        "fio did not read back (verify) the whole volume"
-    );
+    report.assert_wrote_and_verified(FIO_SIZE);
 
     // The engine takes daemon 2 back by itself and rebuilds it.
     wait_healthy(tmp.path(), "survive", 2, Duration::from_secs(40));

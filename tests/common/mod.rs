@@ -867,6 +867,18 @@ impl FioReport {
         }
     }
 
+    /// [`assert_clean`](Self::assert_clean), and fio wrote `size` bytes and
+    /// read all of them back to verify them.
+    pub fn assert_wrote_and_verified(&self, size: u64) {
+        self.assert_clean();
+        assert_eq!(self.io_bytes("write"), size);
+        assert_eq!(
+            self.io_bytes("read"),
+            size,
+            "fio did not read back (verify) the whole volume"
+        );
+    }
+
     /// Bytes fio moved in one direction ("read" or "write"), over all jobs.
     pub fn io_bytes(&self, direction: &str) -> u64 {
         self.jobs()
