@@ -46,6 +46,14 @@ pub struct BenchArgs {
     /// works (CI); prints the table without writing the results file.
     #[arg(long)]
     pub quick: bool,
+    /// Times to run the whole set of jobs, 1 to 20. Every round runs each
+    /// workload on every target (raw first in round 1, a different target
+    /// first in each later round); each cell is then the median over the
+    /// rounds and shows its lowest and highest per-round ratio. On a shared
+    /// or virtual machine, where one job can be a third faster than the
+    /// same job a minute later, 3 rounds give figures that hold.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub rounds: u32,
     /// Workloads to run, comma-separated [default: all].
     #[arg(long, value_enum, value_delimiter = ',')]
     pub workloads: Vec<Workload>,
@@ -127,6 +135,7 @@ struct Plan {
     size_bytes: u64,
     ramp: Duration,
     runtime: Duration,
+    rounds: u32,
     workloads: Vec<Workload>,
     targets: Vec<TargetKind>,
     /// Where the run is recorded, if anywhere.
@@ -185,6 +194,7 @@ impl Plan {
             size_bytes,
             ramp,
             runtime,
+            rounds: args.rounds,
             workloads,
             targets,
             results,
@@ -252,8 +262,13 @@ mod tests {
             (p.ramp, p.runtime),
             (Duration::from_secs(5), Duration::from_secs(20))
         );
+        assert_eq!(p.rounds, 1);
         assert!(p.results.unwrap().ends_with("bench/RESULTS.md"));
         assert!(plan(&["--no-results"]).unwrap().results.is_none());
+        // More rounds are still a full run, recorded like one.
+        let p = plan(&["--rounds", "3"]).unwrap();
+        assert_eq!(p.rounds, 3);
+        assert!(p.results.is_some());
     }
 
     #[test]
@@ -277,5 +292,7 @@ mod tests {
         assert!(plan(&["--runtime-s", "0"]).is_err());
         assert!(plan(&["--targets", "ceph"]).is_err());
         assert!(plan(&["--results", "x.md", "--no-results"]).is_err());
+        assert!(plan(&["--rounds", "0"]).is_err());
+        assert!(plan(&["--rounds", "21"]).is_err());
     }
 }

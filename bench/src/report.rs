@@ -5,11 +5,12 @@
 use crate::targets::TargetKind;
 use crate::workload::{Metric, Workload};
 
-/// Figures of one run, by workload and target.
+/// Figures of one run, by workload and target: one figure per round, in
+/// the order the rounds ran.
 #[derive(Clone, Debug)]
 pub struct Table {
     pub targets: Vec<TargetKind>,
-    pub rows: Vec<(Workload, Vec<Option<f64>>)>,
+    pub rows: Vec<(Workload, Vec<Vec<f64>>)>,
 }
 
 /// The peak-RSS goal for the engine and each replica daemon (issue 3).
@@ -21,47 +22,91 @@ impl Table {
             targets: targets.to_vec(),
             rows: workloads
                 .iter()
-                .map(|&w| (w, vec![None; targets.len()]))
+                .map(|&w| (w, vec![Vec::new(); targets.len()]))
                 .collect(),
         }
     }
 
-    pub fn set(&mut self, workload: Workload, target: TargetKind, figure: f64) {
-        let col = self.targets.iter().position(|&t| t == target);
-        let row = self.rows.iter_mut().find(|(w, _)| *w == workload);
-        if let (Some(col), Some((_, figures))) = (col, row) {
-            figures[col] = Some(figure);
+    /// Adds the next round's figure for one cell.
+    pub fn add(&mut self, workload: Workload, target: TargetKind, figure: f64) {
+        if let Some(cell) = self.cell_mut(workload, target) {
+            cell.push(figure);
         }
     }
 
+    /// Every round's figure for one cell (empty if never measured).
+    pub fn figures(&self, workload: Workload, target: TargetKind) -> &[f64] {
+        let col = self.targets.iter().position(|&t| t == target);
+        let row = self.rows.iter().find(|(w, _)| *w == workload);
+        match (col, row) {
+            (Some(col), Some((_, cells))) => &cells[col],
+            _ => &[],
+        }
+    }
+
+    /// The cell's figure: the median over its rounds.
     pub fn get(&self, workload: Workload, target: TargetKind) -> Option<f64> {
-        let col = self.targets.iter().position(|&t| t == target)?;
-        let (_, figures) = self.rows.iter().find(|(w, _)| *w == workload)?;
-        figures[col]
+        median(self.figures(workload, target).to_vec())
     }
 
-    /// The figure's ratio to the raw disk's in the same row.
+    /// The cell's ratio to the raw disk: per round, the figure over the raw
+    /// disk's figure from the same round (measured right next to it), then
+    /// the median of those. Machine noise that lasts minutes moves both
+    /// figures of a round together, so it cancels out of each ratio.
     pub fn ratio(&self, workload: Workload, target: TargetKind) -> Option<f64> {
-        let raw = self.get(workload, TargetKind::Raw)?;
-        let v = self.get(workload, target)?;
-        (raw > 0.0).then(|| v / raw)
+        median(self.round_ratios(workload, target))
     }
 
-    /// The Markdown table, columns padded to line up.
+    /// The lowest and highest per-round ratio, when there are several rounds.
+    pub fn ratio_range(&self, workload: Workload, target: TargetKind) -> Option<(f64, f64)> {
+        spread(&self.round_ratios(workload, target))
+    }
+
+    fn round_ratios(&self, workload: Workload, target: TargetKind) -> Vec<f64> {
+        let raw = self.figures(workload, TargetKind::Raw);
+        self.figures(workload, target)
+            .iter()
+            .zip(raw)
+            .filter(|(_, &r)| r > 0.0)
+            .map(|(v, r)| v / r)
+            .collect()
+    }
+
+    fn cell_mut(&mut self, workload: Workload, target: TargetKind) -> Option<&mut Vec<f64>> {
+        let col = self.targets.iter().position(|&t| t == target)?;
+        let (_, cells) = self.rows.iter_mut().find(|(w, _)| *w == workload)?;
+        Some(&mut cells[col])
+    }
+
+    /// The Markdown table, columns padded to line up. With several rounds a
+    /// raw cell also shows its lowest and highest figure, and every other
+    /// cell its lowest and highest per-round ratio.
     pub fn render(&self) -> String {
         let mut header = vec!["workload".to_string()];
         header.extend(self.targets.iter().map(|t| t.name().to_string()));
         let mut lines = vec![header];
-        for (w, figures) in &self.rows {
+        for (w, _) in &self.rows {
             let mut line = vec![w.label().to_string()];
-            for (&t, figure) in self.targets.iter().zip(figures) {
-                line.push(match (figure, self.ratio(*w, t)) {
+            for &t in &self.targets {
+                let figures = self.figures(*w, t);
+                let show = |v: f64| format_figure(w.metric(), v);
+                line.push(match (self.get(*w, t), self.ratio(*w, t)) {
                     (None, _) => "—".to_string(),
-                    (Some(v), _) if t == TargetKind::Raw => format_figure(w.metric(), *v),
-                    (Some(v), Some(r)) => {
-                        format!("{} ({})", format_figure(w.metric(), *v), format_ratio(r))
-                    }
-                    (Some(v), None) => format_figure(w.metric(), *v),
+                    (Some(v), _) if t == TargetKind::Raw => match spread(figures) {
+                        Some((lo, hi)) => format!("{} ({}–{})", show(v), show(lo), show(hi)),
+                        None => show(v),
+                    },
+                    (Some(v), Some(r)) => match self.ratio_range(*w, t) {
+                        Some((lo, hi)) => format!(
+                            "{} ({}; {}–{})",
+                            show(v),
+                            format_ratio(r),
+                            format_ratio(lo),
+                            format_ratio(hi)
+                        ),
+                        None => format!("{} ({})", show(v), format_ratio(r)),
+                    },
+                    (Some(v), None) => show(v),
                 });
             }
             lines.push(line);
@@ -70,13 +115,40 @@ impl Table {
     }
 }
 
+/// The middle value (the mean of the middle two for an even count).
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    Some(if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    })
+}
+
+/// The lowest and highest of two or more values.
+fn spread(values: &[f64]) -> Option<(f64, f64)> {
+    if values.len() < 2 {
+        return None;
+    }
+    let lo = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    Some((lo, hi))
+}
+
 /// The legend printed under the table.
 pub const LEGEND: &str = "Each cell: the figure, and in brackets its ratio to the raw disk in \
 the same run. IOPS and MiB/s: higher is better. Latency rows (mean completion latency, µs): \
 the ratio is latency / raw latency, so lower is better. raw-2-copies: two files on the same \
 disk written at once, each by its own fio job; the cell is what one of them got. Both of \
 shorthorn-2r's replicas live on this disk, so that is the most its writes can get here (on a \
-cluster each replica has a node's disk to itself).";
+cluster each replica has a node's disk to itself). With several rounds (--rounds), a cell is \
+the median over the rounds and its ratio the median of the per-round ratios, each taken against \
+the raw job of the same round; after the ratio come the lowest and highest per-round ratio, and \
+the raw column shows its lowest and highest figure.";
 
 /// The peak-RSS table: one line per server process.
 pub fn render_rss(rows: &[(String, Option<u64>)]) -> String {
@@ -183,11 +255,11 @@ mod tests {
         let targets = TargetKind::ALL;
         let workloads = [Workload::SeedRandrw, Workload::RandwriteLat];
         let mut t = Table::new(&workloads, &targets);
-        t.set(Workload::SeedRandrw, TargetKind::Raw, 20_460.0);
-        t.set(Workload::SeedRandrw, TargetKind::NbdkitFile, 10_230.0);
-        t.set(Workload::SeedRandrw, TargetKind::Shorthorn2r, 12_700.0);
-        t.set(Workload::RandwriteLat, TargetKind::Raw, 50.0);
-        t.set(Workload::RandwriteLat, TargetKind::Shorthorn1r, 75.0);
+        t.add(Workload::SeedRandrw, TargetKind::Raw, 20_460.0);
+        t.add(Workload::SeedRandrw, TargetKind::NbdkitFile, 10_230.0);
+        t.add(Workload::SeedRandrw, TargetKind::Shorthorn2r, 12_700.0);
+        t.add(Workload::RandwriteLat, TargetKind::Raw, 50.0);
+        t.add(Workload::RandwriteLat, TargetKind::Shorthorn1r, 75.0);
         let text = t.render();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 4, "{text}");
@@ -216,9 +288,45 @@ mod tests {
     }
 
     #[test]
+    fn rounds_give_medians_and_per_round_ratios() {
+        let w = Workload::RandwriteIops;
+        let mut t = Table::new(&[w], &[TargetKind::Raw, TargetKind::Shorthorn2r]);
+        // The disk was fast in round 2 and slow in round 3; shorthorn
+        // followed it, so each round's ratio is about the same.
+        for (raw, sh) in [
+            (100_000.0, 40_000.0),
+            (150_000.0, 63_000.0),
+            (80_000.0, 30_000.0),
+        ] {
+            t.add(w, TargetKind::Raw, raw);
+            t.add(w, TargetKind::Shorthorn2r, sh);
+        }
+        assert_eq!(t.get(w, TargetKind::Raw), Some(100_000.0));
+        assert_eq!(t.get(w, TargetKind::Shorthorn2r), Some(40_000.0));
+        // Median of 0.40, 0.42 and 0.375, not median / median.
+        assert_eq!(
+            t.ratio(w, TargetKind::Shorthorn2r),
+            Some(40_000.0 / 100_000.0)
+        );
+        assert_eq!(
+            t.ratio_range(w, TargetKind::Shorthorn2r),
+            Some((30_000.0 / 80_000.0, 63_000.0 / 150_000.0))
+        );
+        let text = t.render();
+        assert!(text.contains("| 100k (80.0k–150k) |"), "{text}");
+        assert!(text.contains("40.0k (0.40x; 0.38x–0.42x)"), "{text}");
+        // An even number of rounds: the mean of the middle two.
+        t.add(w, TargetKind::Raw, 100_000.0);
+        t.add(w, TargetKind::Shorthorn2r, 50_000.0);
+        assert_eq!(t.get(w, TargetKind::Shorthorn2r), Some(45_000.0));
+        let r = t.ratio(w, TargetKind::Shorthorn2r).unwrap();
+        assert!((r - 0.41).abs() < 1e-12, "{r}");
+    }
+
+    #[test]
     fn without_raw_there_are_no_ratios() {
         let mut t = Table::new(&[Workload::RandreadIops], &[TargetKind::Shorthorn1r]);
-        t.set(Workload::RandreadIops, TargetKind::Shorthorn1r, 40_000.0);
+        t.add(Workload::RandreadIops, TargetKind::Shorthorn1r, 40_000.0);
         assert!(t.render().contains("| 40.0k "));
         assert!(!t.render().contains("x)"));
     }

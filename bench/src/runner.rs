@@ -38,7 +38,8 @@ pub fn run_blocking(args: &BenchArgs, shorthorn_exe: &Path, stop: &StopFlag) -> 
     let revision = machine::git_revision(source_dir());
     let started = machine::utc_now();
     eprintln!(
-        "shorthorn bench: {} workloads × {} targets of {} MiB in {}, ramp {:.1} s + runtime {:.1} s per job",
+        "shorthorn bench: {} round(s) of {} workloads × {} targets of {} MiB in {}, ramp {:.1} s + runtime {:.1} s per job",
+        plan.rounds,
         plan.workloads.len(),
         plan.targets.len(),
         plan.size_bytes >> 20,
@@ -78,11 +79,15 @@ pub fn run_blocking(args: &BenchArgs, shorthorn_exe: &Path, stop: &StopFlag) -> 
         );
         let _ = writeln!(
             section,
-            "- each target {} MiB, prefilled; per job {:.1} s ramp + {:.1} s measured, one job at a time; \
-             {}; replica daemons' IO engine `{}`; engines {}",
+            "- each target {} MiB, prefilled; per job {:.1} s ramp + {:.1} s measured, one job at a time, \
+             {}; {}; replica daemons' IO engine `{}`; engines {}",
             plan.size_bytes >> 20,
             plan.ramp.as_secs_f64(),
             plan.runtime.as_secs_f64(),
+            match plan.rounds {
+                1 => "one round".to_string(),
+                n => format!("{n} rounds (each cell the median)"),
+            },
             versions,
             args.io_engine,
             match args.engines {
@@ -149,11 +154,12 @@ fn measure(
     }
 
     let mut table = Table::new(&plan.workloads, &plan.targets);
-    let total = plan
+    let per_round = plan
         .workloads
         .iter()
         .map(|&w| lab.targets.iter().filter(|(k, _)| k.runs(w)).count())
         .sum::<usize>();
+    let total = per_round * plan.rounds as usize;
     let timing = Timing {
         ramp: plan.ramp,
         runtime: plan.runtime,
@@ -161,48 +167,65 @@ fn measure(
     let timeout = plan.ramp + plan.runtime + Duration::from_secs(60);
     let mut n = 0;
     let mut others_cpu = Vec::new();
-    for &workload in &plan.workloads {
-        for (kind, target) in lab.targets.iter().filter(|(k, _)| k.runs(workload)) {
-            n += 1;
-            eprint!("[{n}/{total}] {} {} ... ", kind.name(), workload.name());
-            let job = Job {
-                name: workload.name(),
-                target,
-                size_bytes: plan.size_bytes,
-                shape: workload.shape(),
-                timing: Some(timing),
-            };
-            let before = CpuSnapshot::take(&lab.server_pids());
-            let r = run_fio(&lab, &job, *kind, timeout, stop)?;
-            let after = CpuSnapshot::take(&lab.server_pids());
-            let others = before.zip(after).map(|(b, a)| b.others_share_since(&a));
-            if let Some(share) = others {
-                others_cpu.push((format!("{} {}", kind.name(), workload.name()), share));
-            }
-            let Some(figure) = workload
-                .figure(&r)
-                .map(|f| workload.per_copy(f, target.copies()))
-            else {
-                bail!(
-                    "fio did no {} IO on {}; see its report in {}",
-                    workload.name(),
+    for round in 0..plan.rounds as usize {
+        let round_name = if plan.rounds > 1 {
+            format!("round {}/{}: ", round + 1, plan.rounds)
+        } else {
+            String::new()
+        };
+        // Each round starts with a different target, so none is always the
+        // first job after a change of workload.
+        let mut order: Vec<_> = lab.targets.iter().collect();
+        let first = round % order.len().max(1);
+        order.rotate_left(first);
+        for &workload in &plan.workloads {
+            for (kind, target) in order.iter().copied().filter(|(k, _)| k.runs(workload)) {
+                n += 1;
+                eprint!(
+                    "[{n}/{total}] {round_name}{} {} ... ",
                     kind.name(),
-                    lab.logs.display()
+                    workload.name()
                 );
-            };
-            table.set(workload, *kind, figure);
-            let ratio = table
-                .ratio(workload, *kind)
-                .filter(|_| *kind != TargetKind::Raw)
-                .map(|r| format!(" ({} of raw)", report::format_ratio(r)))
-                .unwrap_or_default();
-            let others = others
-                .map(|s| format!("; others took {:.0}% of the CPU", s * 100.0))
-                .unwrap_or_default();
-            eprintln!(
-                "{}{ratio}{others}",
-                report::format_figure(workload.metric(), figure)
-            );
+                let job = Job {
+                    name: workload.name(),
+                    target,
+                    size_bytes: plan.size_bytes,
+                    shape: workload.shape(),
+                    timing: Some(timing),
+                };
+                let before = CpuSnapshot::take(&lab.server_pids());
+                let r = run_fio(&lab, &job, *kind, timeout, stop)?;
+                let after = CpuSnapshot::take(&lab.server_pids());
+                let others = before.zip(after).map(|(b, a)| b.others_share_since(&a));
+                if let Some(share) = others {
+                    others_cpu.push((format!("{} {}", kind.name(), workload.name()), share));
+                }
+                let Some(figure) = workload
+                    .figure(&r)
+                    .map(|f| workload.per_copy(f, target.copies()))
+                else {
+                    bail!(
+                        "fio did no {} IO on {}; see its report in {}",
+                        workload.name(),
+                        kind.name(),
+                        lab.logs.display()
+                    );
+                };
+                table.add(workload, *kind, figure);
+                let ratio = (*kind != TargetKind::Raw)
+                    .then(|| table.figures(workload, TargetKind::Raw).get(round))
+                    .flatten()
+                    .filter(|&&raw| raw > 0.0)
+                    .map(|raw| format!(" ({} of raw)", report::format_ratio(figure / raw)))
+                    .unwrap_or_default();
+                let others = others
+                    .map(|s| format!("; others took {:.0}% of the CPU", s * 100.0))
+                    .unwrap_or_default();
+                eprintln!(
+                    "{}{ratio}{others}",
+                    report::format_figure(workload.metric(), figure)
+                );
+            }
         }
     }
 
