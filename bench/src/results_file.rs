@@ -18,7 +18,8 @@ fio's `nbd` engine for all three NBD targets). For the write rows, newer runs al
 measure `raw-2-copies`: two raw files written at once, the figure per file, which is the\n\
 most shorthorn-2r can write here with both replicas on this one disk.\n\
 Absolute figures on shared 2-core machines are noise; the ratios to the raw disk within\n\
-one run are the result.\n";
+one run are the result. Runs made with `--rounds N` ran every job N times: each cell is\n\
+the median, its ratio the median of per-round ratios, with the lowest and highest beside it.\n";
 
 /// Inserts `section` as the newest run in the results file at `path`,
 /// creating the file if needed.
