@@ -4,7 +4,7 @@
 
 use std::io::IoSlice;
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
@@ -54,7 +54,15 @@ pub struct FrameReader<R> {
 }
 
 enum ReaderInner<R> {
-    Stream { inner: R, buf: BytesMut },
+    Stream {
+        inner: R,
+        buf: BytesMut,
+        /// The last frame had a large body: the next one may too (a stream
+        /// of 128 KiB writes, a rebuild's copies), so its header is read
+        /// alone first, and its body then goes straight from the socket into
+        /// aligned memory instead of through `buf` and a copy.
+        after_large: bool,
+    },
     Local(mpsc::Receiver<EncodedFrame>),
 }
 
@@ -73,6 +81,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             inner: ReaderInner::Stream {
                 inner,
                 buf: BytesMut::with_capacity(READ_BUF),
+                after_large: false,
             },
         }
     }
@@ -80,25 +89,37 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// The next whole frame; `Ok(None)` on a clean end of stream between
     /// frames. A stream that ends inside a frame is [`ProtoError::Truncated`].
     pub async fn read_frame(&mut self) -> Result<Option<RawFrame>, ProtoError> {
-        let (inner, buf) = match &mut self.inner {
-            ReaderInner::Stream { inner, buf } => (inner, buf),
+        let (inner, buf, after_large) = match &mut self.inner {
+            ReaderInner::Stream {
+                inner,
+                buf,
+                after_large,
+            } => (inner, buf, after_large),
             ReaderInner::Local(rx) => return rx.recv().await.map(RawFrame::from_local).transpose(),
         };
         loop {
             if let Some(frame) = decode_frame(buf)? {
+                *after_large = frame.body.len() >= LARGE_BODY;
                 return Ok(Some(frame));
             }
             if buf.len() >= FRAME_HEADER_LEN {
                 // decode_frame checked the header: only the body is missing.
                 let body_len = u32::from_le_bytes(buf[16..20].try_into().unwrap()) as usize;
                 if body_len >= LARGE_BODY {
+                    *after_large = true;
                     return read_large(inner, buf, body_len).await.map(Some);
                 }
             }
             if buf.capacity() - buf.len() < 4096 {
                 buf.reserve(READ_BUF);
             }
-            if inner.read_buf(buf).await? == 0 {
+            let read = if *after_large && buf.len() < FRAME_HEADER_LEN {
+                let header_rest = FRAME_HEADER_LEN - buf.len();
+                inner.read_buf(&mut (&mut *buf).limit(header_rest)).await?
+            } else {
+                inner.read_buf(buf).await?
+            };
+            if read == 0 {
                 return if buf.is_empty() {
                     Ok(None)
                 } else {
@@ -409,6 +430,37 @@ mod tests {
         }
         assert!(r.read_frame().await.unwrap().is_none());
         writer.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_stream_of_large_writes_is_received_without_copies() {
+        // All of it waiting at once, as when an engine streams 128 KiB
+        // writes: a greedy read would take whole frames into the receive
+        // buffer, and their payloads would then need copying to aligned
+        // memory before an O_DIRECT write. After the first large frame each
+        // header is read alone and each body straight into aligned memory.
+        let frames: Vec<(EncodedFrame, Bytes)> =
+            (0..8u64).map(|i| write_frame(i, 128 << 10)).collect();
+        let (a, b) = tokio::io::duplex(4 << 20);
+        let mut w = FrameWriter::new(a);
+        let wire: Vec<EncodedFrame> = frames.iter().map(|(f, _)| f.clone()).collect();
+        w.write_frames(&wire).await.unwrap();
+        w.shutdown().await.unwrap();
+        let mut r = FrameReader::new(b);
+        for (i, (_, data)) in frames.iter().enumerate() {
+            let raw = r.read_frame().await.unwrap().unwrap();
+            let Request::Write { data: got, .. } = Request::decode(&raw).unwrap() else {
+                panic!("not a write");
+            };
+            assert_eq!(&got, data, "frame {i}");
+            if i > 0 {
+                assert!(
+                    crate::aligned::is_aligned(&got),
+                    "frame {i}'s payload was received unaligned (through the buffer)"
+                );
+            }
+        }
+        assert!(r.read_frame().await.unwrap().is_none());
     }
 
     #[tokio::test]
