@@ -12,9 +12,11 @@ pub struct CpuSnapshot {
     at: Instant,
     /// CPU seconds the machine has spent busy since boot.
     machine_busy_s: f64,
-    /// CPU seconds spent by this process, its reaped children (fio, with
-    /// its own job processes) and the live servers given.
-    ours_s: f64,
+    /// CPU seconds spent by this process and its reaped children (fio,
+    /// with its own job processes).
+    fio_s: f64,
+    /// CPU seconds spent by the live servers given.
+    servers_s: f64,
 }
 
 impl CpuSnapshot {
@@ -23,15 +25,16 @@ impl CpuSnapshot {
         let ticks = clock_ticks_per_s()?;
         let stat = std::fs::read_to_string("/proc/stat").ok()?;
         let machine_busy_s = machine_busy_ticks(&stat)? as f64 / ticks;
-        let mut ours_s = own_and_reaped_children_s();
+        let mut servers_s = 0.0;
         for pid in servers {
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            ours_s += process_ticks(&stat)? as f64 / ticks;
+            servers_s += process_ticks(&stat)? as f64 / ticks;
         }
         Some(CpuSnapshot {
             at: Instant::now(),
             machine_busy_s,
-            ours_s,
+            fio_s: own_and_reaped_children_s(),
+            servers_s,
         })
     }
 
@@ -45,9 +48,33 @@ impl CpuSnapshot {
         if wall <= 0.0 {
             return 0.0;
         }
-        let others = (later.machine_busy_s - self.machine_busy_s) - (later.ours_s - self.ours_s);
+        let ours = (later.fio_s - self.fio_s) + (later.servers_s - self.servers_s);
+        let others = (later.machine_busy_s - self.machine_busy_s) - ours;
         (others / (wall * cores)).clamp(0.0, 1.0)
     }
+
+    /// CPU time per IO since `self`, in µs, of fio (with the bench, which
+    /// only waits meanwhile) and of the servers together, for a job that
+    /// did `iops` IOs per second while measured. The time spans the ramp as
+    /// well, when fio does IO at the same rate but does not count it, so
+    /// the IOs are taken as `iops` × the whole time.
+    pub fn per_io_since(&self, later: &CpuSnapshot, iops: f64) -> Option<CpuPerIo> {
+        let ios = iops * later.at.duration_since(self.at).as_secs_f64();
+        (ios >= 1.0).then(|| CpuPerIo {
+            fio_us: (later.fio_s - self.fio_s).max(0.0) * 1e6 / ios,
+            servers_us: (later.servers_s - self.servers_s).max(0.0) * 1e6 / ios,
+        })
+    }
+}
+
+/// CPU time one IO cost (µs).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CpuPerIo {
+    /// fio itself: the client's side.
+    pub fio_us: f64,
+    /// Every server process of the run (nbdkit, replica daemons, engines);
+    /// those not serving the job's target sit idle and add next to nothing.
+    pub servers_us: f64,
 }
 
 fn clock_ticks_per_s() -> Option<f64> {

@@ -150,6 +150,34 @@ the median over the rounds and its ratio the median of the per-round ratios, eac
 the raw job of the same round; after the ratio come the lowest and highest per-round ratio, and \
 the raw column shows its lowest and highest figure.";
 
+/// The CPU table: per workload and target, the CPU time one IO cost the
+/// servers and fio (medians over the rounds), as `servers + fio` µs.
+pub fn render_cpu(servers: &Table, fio: &Table) -> String {
+    let mut header = vec!["workload".to_string()];
+    header.extend(servers.targets.iter().map(|t| t.name().to_string()));
+    let mut lines = vec![header];
+    for (w, _) in &servers.rows {
+        // The workload without its metric: every cell here is µs of CPU.
+        let shape = w.label().split(',').next().unwrap_or_default();
+        let mut line = vec![shape.to_string()];
+        for &t in &servers.targets {
+            line.push(match (servers.get(*w, t), fio.get(*w, t)) {
+                (Some(s), Some(f)) => format!("{} + {}", three_digits(s), three_digits(f)),
+                _ => "—".to_string(),
+            });
+        }
+        lines.push(line);
+    }
+    markdown(&lines)
+}
+
+/// The legend printed under the CPU table.
+pub const CPU_LEGEND: &str = "Each cell: CPU time per IO in µs, servers + fio. Servers: every \
+process the bench started (nbdkit, replica daemons, engines) while the job ran; those not \
+serving the job's target sit idle. fio: the client's own side, the same work for every NBD \
+target. Ramp time included (IOs counted at the measured rate). On a cluster, shorthorn-2r's \
+replica daemon 2 runs on another node; here it shares these cores.";
+
 /// The peak-RSS table: one line per server process.
 pub fn render_rss(rows: &[(String, Option<u64>)]) -> String {
     let mut lines = vec![vec![
@@ -329,6 +357,23 @@ mod tests {
         t.add(Workload::RandreadIops, TargetKind::Shorthorn1r, 40_000.0);
         assert!(t.render().contains("| 40.0k "));
         assert!(!t.render().contains("x)"));
+    }
+
+    #[test]
+    fn the_cpu_table_adds_servers_and_fio() {
+        let w = Workload::RandwriteIops;
+        let targets = [TargetKind::Raw, TargetKind::Shorthorn2r];
+        let (mut servers, mut fio) = (Table::new(&[w], &targets), Table::new(&[w], &targets));
+        servers.add(w, TargetKind::Raw, 0.01);
+        fio.add(w, TargetKind::Raw, 6.54);
+        for (s, f) in [(24.0, 8.0), (30.0, 9.0), (20.0, 7.0)] {
+            servers.add(w, TargetKind::Shorthorn2r, s);
+            fio.add(w, TargetKind::Shorthorn2r, f);
+        }
+        let text = render_cpu(&servers, &fio);
+        assert!(text.contains("| 0.01 + 6.54 |"), "{text}");
+        assert!(text.contains("| random write 4k QD64 |"), "{text}");
+        assert!(text.contains("| 24.0 + 8.00  |"), "{text}");
     }
 
     #[test]

@@ -19,6 +19,9 @@ use crate::{source_dir, BenchArgs, Plan};
 /// What the measuring part of a run produces.
 struct Outcome {
     table: Table,
+    /// CPU µs per IO of the servers and of fio, per cell.
+    cpu_servers: Table,
+    cpu_fio: Table,
     rss: Vec<(String, Option<u64>)>,
     warnings: Vec<String>,
     /// Per measured job, `target workload` and the share of the machine's
@@ -57,10 +60,12 @@ pub fn run_blocking(args: &BenchArgs, shorthorn_exe: &Path, stop: &StopFlag) -> 
     let outcome = outcome?;
 
     let table = outcome.table.render();
+    let cpu = report::render_cpu(&outcome.cpu_servers, &outcome.cpu_fio);
     let rss = report::render_rss(&outcome.rss);
     println!(
-        "\n{table}\n{}\n\nPeak RSS of each server process:\n\n{rss}",
-        report::LEGEND
+        "\n{table}\n{}\n\nCPU time per IO:\n\n{cpu}\n{}\n\nPeak RSS of each server process:\n\n{rss}",
+        report::LEGEND,
+        report::CPU_LEGEND
     );
     let sharing = others_cpu_summary(&outcome.others_cpu);
     println!("\n{sharing}");
@@ -101,8 +106,9 @@ pub fn run_blocking(args: &BenchArgs, shorthorn_exe: &Path, stop: &StopFlag) -> 
         }
         let _ = writeln!(
             section,
-            "\n{table}\n{}\n\nPeak RSS:\n\n{rss}",
-            report::LEGEND
+            "\n{table}\n{}\n\nCPU time per IO:\n\n{cpu}\n{}\n\nPeak RSS:\n\n{rss}",
+            report::LEGEND,
+            report::CPU_LEGEND
         );
         for w in &outcome.warnings {
             let _ = writeln!(section, "**Warning:** {w}\n");
@@ -154,6 +160,8 @@ fn measure(
     }
 
     let mut table = Table::new(&plan.workloads, &plan.targets);
+    let mut cpu_servers = Table::new(&plan.workloads, &plan.targets);
+    let mut cpu_fio = Table::new(&plan.workloads, &plan.targets);
     let per_round = plan
         .workloads
         .iter()
@@ -197,6 +205,14 @@ fn measure(
                 let r = run_fio(&lab, &job, *kind, timeout, stop)?;
                 let after = CpuSnapshot::take(&lab.server_pids());
                 let others = before.zip(after).map(|(b, a)| b.others_share_since(&a));
+                let ios_per_s = r.read.iops + r.write.iops;
+                if let Some(cpu) = before
+                    .zip(after)
+                    .and_then(|(b, a)| b.per_io_since(&a, ios_per_s))
+                {
+                    cpu_servers.add(workload, *kind, cpu.servers_us);
+                    cpu_fio.add(workload, *kind, cpu.fio_us);
+                }
                 if let Some(share) = others {
                     others_cpu.push((format!("{} {}", kind.name(), workload.name()), share));
                 }
@@ -237,6 +253,8 @@ fn measure(
     lab.stop();
     Ok(Outcome {
         table,
+        cpu_servers,
+        cpu_fio,
         rss,
         warnings,
         others_cpu,
