@@ -3,7 +3,7 @@
 //! reads well in a terminal. Pure formatting: no IO.
 
 use crate::targets::TargetKind;
-use crate::workload::{Metric, Workload};
+use crate::workload::{Goal, Metric, Workload};
 
 /// Figures of one run, by workload and target: one figure per round, in
 /// the order the rounds ran.
@@ -149,6 +149,47 @@ cluster each replica has a node's disk to itself). With several rounds (--rounds
 the median over the rounds and its ratio the median of the per-round ratios, each taken against \
 the raw job of the same round; after the ratio come the lowest and highest per-round ratio, and \
 the raw column shows its lowest and highest figure.";
+
+/// shorthorn-2r against its goals, one line per measured row, with
+/// Longhorn v1's published ratio beside it; `None` without a raw and a
+/// shorthorn-2r column.
+pub fn render_goals(table: &Table) -> Option<String> {
+    if !table.targets.contains(&TargetKind::Raw)
+        || !table.targets.contains(&TargetKind::Shorthorn2r)
+    {
+        return None;
+    }
+    let mut lines = vec![vec![
+        "workload".to_string(),
+        "shorthorn-2r".to_string(),
+        "goal".to_string(),
+        "Longhorn v1 (published)".to_string(),
+        "verdict".to_string(),
+    ]];
+    for (w, _) in &table.rows {
+        let Some(ratio) = table.ratio(*w, TargetKind::Shorthorn2r) else {
+            continue;
+        };
+        let goal = w.goal_2r();
+        let goal_text = match goal {
+            Goal::AtLeast(g) => format!(">= {}", format_ratio(g)),
+            Goal::AtMost(g) => format!("<= {}", format_ratio(g)),
+        };
+        let verdict = match goal.shortfall(ratio) {
+            None => "met".to_string(),
+            Some(gap) => format!("short by {gap:.2}"),
+        };
+        let shape = w.label().split(',').next().unwrap_or_default();
+        lines.push(vec![
+            shape.to_string(),
+            format_ratio(ratio),
+            goal_text,
+            w.longhorn_v1().unwrap_or("—").to_string(),
+            verdict,
+        ]);
+    }
+    (lines.len() > 1).then(|| markdown(&lines))
+}
 
 /// The CPU table: per workload and target, the CPU time one IO cost the
 /// servers and fio (medians over the rounds), as `servers + fio` µs.
@@ -357,6 +398,50 @@ mod tests {
         t.add(Workload::RandreadIops, TargetKind::Shorthorn1r, 40_000.0);
         assert!(t.render().contains("| 40.0k "));
         assert!(!t.render().contains("x)"));
+    }
+
+    #[test]
+    fn goals_are_judged_on_the_median_ratio() {
+        let targets = [TargetKind::Raw, TargetKind::Shorthorn2r];
+        let rows = [
+            Workload::RandwriteIops,
+            Workload::RandreadLat,
+            Workload::SeqreadBw,
+        ];
+        let mut t = Table::new(&rows, &targets);
+        t.add(Workload::RandwriteIops, TargetKind::Raw, 100_000.0);
+        t.add(Workload::RandwriteIops, TargetKind::Shorthorn2r, 34_000.0);
+        t.add(Workload::RandreadLat, TargetKind::Raw, 40.0);
+        t.add(Workload::RandreadLat, TargetKind::Shorthorn2r, 100.0);
+        let text = render_goals(&t).unwrap();
+        let line = |w: &str| text.lines().find(|l| l.contains(w)).unwrap().to_string();
+        let write = line("random write 4k QD64");
+        assert!(
+            write.contains("0.34x") && write.contains(">= 0.50x"),
+            "{write}"
+        );
+        assert!(
+            write.contains("0.23x–0.27x") && write.contains("short by 0.16"),
+            "{write}"
+        );
+        // Latency: lower is better, so 2.5x meets <= 3x.
+        let read = line("random read 4k QD1");
+        assert!(
+            read.contains("2.50x") && read.contains("<= 3.00x"),
+            "{read}"
+        );
+        let verdict = read
+            .trim_end()
+            .trim_end_matches('|')
+            .rsplit('|')
+            .next()
+            .unwrap();
+        assert_eq!(verdict.trim(), "met", "{read}");
+        // A row shorthorn-2r did not run is left out.
+        assert!(!text.contains("seq read"), "{text}");
+        // Without a shorthorn-2r column there is nothing to judge.
+        let only_raw = Table::new(&rows, &[TargetKind::Raw]);
+        assert!(render_goals(&only_raw).is_none());
     }
 
     #[test]

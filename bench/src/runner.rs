@@ -60,10 +60,13 @@ pub fn run_blocking(args: &BenchArgs, shorthorn_exe: &Path, stop: &StopFlag) -> 
     let outcome = outcome?;
 
     let table = outcome.table.render();
+    let goals = report::render_goals(&outcome.table)
+        .map(|g| format!("\n\nshorthorn-2r against its goals (ratios to the raw disk):\n\n{g}"))
+        .unwrap_or_default();
     let cpu = report::render_cpu(&outcome.cpu_servers, &outcome.cpu_fio);
     let rss = report::render_rss(&outcome.rss);
     println!(
-        "\n{table}\n{}\n\nCPU time per IO:\n\n{cpu}\n{}\n\nPeak RSS of each server process:\n\n{rss}",
+        "\n{table}\n{}{goals}\n\nCPU time per IO:\n\n{cpu}\n{}\n\nPeak RSS of each server process:\n\n{rss}",
         report::LEGEND,
         report::CPU_LEGEND
     );
@@ -106,7 +109,7 @@ pub fn run_blocking(args: &BenchArgs, shorthorn_exe: &Path, stop: &StopFlag) -> 
         }
         let _ = writeln!(
             section,
-            "\n{table}\n{}\n\nCPU time per IO:\n\n{cpu}\n{}\n\nPeak RSS:\n\n{rss}",
+            "\n{table}\n{}{goals}\n\nCPU time per IO:\n\n{cpu}\n{}\n\nPeak RSS:\n\n{rss}",
             report::LEGEND,
             report::CPU_LEGEND
         );

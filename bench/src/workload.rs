@@ -50,6 +50,26 @@ impl Metric {
     }
 }
 
+/// shorthorn-2r's goal for a row, as a ratio to the raw disk.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Goal {
+    /// The ratio must be at least this (IOPS, bandwidth).
+    AtLeast(f64),
+    /// The ratio must be at most this (latency).
+    AtMost(f64),
+}
+
+impl Goal {
+    /// How far `ratio` is from the goal: `None` when met, else the gap.
+    pub fn shortfall(self, ratio: f64) -> Option<f64> {
+        let gap = match self {
+            Goal::AtLeast(g) => g - ratio,
+            Goal::AtMost(g) => ratio - g,
+        };
+        (gap > 0.0).then_some(gap)
+    }
+}
+
 /// The fio parameters that make a workload what it is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Shape {
@@ -103,6 +123,32 @@ impl Workload {
             Workload::SeqwriteBw => "seq write 128k QD64, MiB/s",
             Workload::RandreadLat => "random read 4k QD1, mean µs (lower is better)",
             Workload::RandwriteLat => "random write 4k QD1, mean µs (lower is better)",
+        }
+    }
+
+    /// The 2-replica goal the project set for this row (issue 3).
+    pub fn goal_2r(self) -> Goal {
+        match self {
+            Workload::SeedRandrw | Workload::RandwriteIops | Workload::SeqwriteBw => {
+                Goal::AtLeast(0.50)
+            }
+            Workload::RandreadIops => Goal::AtLeast(0.60),
+            Workload::SeqreadBw => Goal::AtLeast(0.70),
+            Workload::RandreadLat | Workload::RandwriteLat => Goal::AtMost(3.0),
+        }
+    }
+
+    /// Longhorn v1's published ratio to the raw disk for this row, where
+    /// there is one: what users compare against.
+    pub fn longhorn_v1(self) -> Option<&'static str> {
+        match self {
+            Workload::SeedRandrw => Some("0.50x"),
+            Workload::RandwriteIops => Some("0.23x–0.27x"),
+            Workload::RandreadIops => Some("0.62x–0.65x"),
+            Workload::SeqwriteBw => Some("~0.9x"),
+            Workload::SeqreadBw => None,
+            Workload::RandwriteLat => Some("5x–8x"),
+            Workload::RandreadLat => Some("2x–3.5x"),
         }
     }
 
