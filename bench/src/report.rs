@@ -62,13 +62,17 @@ impl Table {
         spread(&self.round_ratios(workload, target))
     }
 
+    /// The cell's figure in round `round` over the raw disk's in the same
+    /// round, once both were measured.
+    pub fn round_ratio(&self, workload: Workload, target: TargetKind, round: usize) -> Option<f64> {
+        let raw = *self.figures(workload, TargetKind::Raw).get(round)?;
+        let v = *self.figures(workload, target).get(round)?;
+        (raw > 0.0).then(|| v / raw)
+    }
+
     fn round_ratios(&self, workload: Workload, target: TargetKind) -> Vec<f64> {
-        let raw = self.figures(workload, TargetKind::Raw);
-        self.figures(workload, target)
-            .iter()
-            .zip(raw)
-            .filter(|(_, &r)| r > 0.0)
-            .map(|(v, r)| v / r)
+        (0..self.figures(workload, target).len())
+            .filter_map(|round| self.round_ratio(workload, target, round))
             .collect()
     }
 
@@ -179,9 +183,8 @@ pub fn render_goals(table: &Table) -> Option<String> {
             None => "met".to_string(),
             Some(gap) => format!("short by {gap:.2}"),
         };
-        let shape = w.label().split(',').next().unwrap_or_default();
         lines.push(vec![
-            shape.to_string(),
+            w.shape_label().to_string(),
             format_ratio(ratio),
             goal_text,
             w.longhorn_v1().unwrap_or("—").to_string(),
@@ -198,9 +201,8 @@ pub fn render_cpu(servers: &Table, fio: &Table) -> String {
     header.extend(servers.targets.iter().map(|t| t.name().to_string()));
     let mut lines = vec![header];
     for (w, _) in &servers.rows {
-        // The workload without its metric: every cell here is µs of CPU.
-        let shape = w.label().split(',').next().unwrap_or_default();
-        let mut line = vec![shape.to_string()];
+        // Every cell here is µs of CPU, whatever the workload's metric.
+        let mut line = vec![w.shape_label().to_string()];
         for &t in &servers.targets {
             line.push(match (servers.get(*w, t), fio.get(*w, t)) {
                 (Some(s), Some(f)) => format!("{} + {}", three_digits(s), three_digits(f)),

@@ -232,10 +232,9 @@ fn measure(
                 };
                 table.add(workload, *kind, figure);
                 let ratio = (*kind != TargetKind::Raw)
-                    .then(|| table.figures(workload, TargetKind::Raw).get(round))
+                    .then(|| table.round_ratio(workload, *kind, round))
                     .flatten()
-                    .filter(|&&raw| raw > 0.0)
-                    .map(|raw| format!(" ({} of raw)", report::format_ratio(figure / raw)))
+                    .map(|r| format!(" ({} of raw)", report::format_ratio(r)))
                     .unwrap_or_default();
                 let others = others
                     .map(|s| format!("; others took {:.0}% of the CPU", s * 100.0))

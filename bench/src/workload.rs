@@ -152,6 +152,12 @@ impl Workload {
         }
     }
 
+    /// The row label without its metric, for tables whose cells all share
+    /// one unit: `random write 4k QD64`.
+    pub fn shape_label(self) -> &'static str {
+        self.label().split(',').next().unwrap_or_default()
+    }
+
     pub fn metric(self) -> Metric {
         match self {
             Workload::SeedRandrw | Workload::RandreadIops | Workload::RandwriteIops => Metric::Iops,
