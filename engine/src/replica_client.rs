@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use shorthorn_proto::{
-    EncodedFrame, FrameReader, FrameWriter, Generation, Hello, LocalEnd, ProtoError, RemoteError,
-    Reply, Request, VolumeInfo, Welcome, PROTOCOL_VERSION,
+    EncodedFrame, FrameReader, FrameWriter, Generation, Hello, LocalCall, LocalService,
+    LocalSession, ProtoError, RemoteError, Reply, Request, VolumeInfo, Welcome, PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
@@ -50,33 +50,30 @@ type Waiter = oneshot::Sender<Result<Reply, ClientError>>;
 type BoxRead = Box<dyn AsyncRead + Unpin + Send>;
 type BoxWrite = Box<dyn AsyncWrite + Unpin + Send>;
 
-/// Opens an in-process connection to a replica daemon.
-pub type LocalDial = Arc<dyn Fn() -> LocalEnd + Send + Sync>;
-
 /// Replica daemons living in this very process, by the addresses engines
 /// name them with. An engine hosted by a replica daemon reaches that
 /// daemon's replicas through here, in memory, and every other replica
-/// (and everyone else reaching this daemon) over TCP; the bytes on the
-/// wire and every check on them are the same either way.
-static LOCAL_REPLICAS: Mutex<Vec<(String, LocalDial)>> = Mutex::new(Vec::new());
+/// (and everyone else reaching this daemon) over TCP; the requests, the
+/// replies and every check the daemon makes are the same either way.
+static LOCAL_REPLICAS: Mutex<Vec<(String, Arc<dyn LocalService>)>> = Mutex::new(Vec::new());
 
 /// Makes `addrs` (the daemon's own addresses as engines will write them)
-/// resolve to `dial` in this process from now on.
-pub fn register_local_replica(addrs: &[String], dial: LocalDial) {
+/// resolve to `service` in this process from now on.
+pub fn register_local_replica(addrs: &[String], service: Arc<dyn LocalService>) {
     let mut local = LOCAL_REPLICAS.lock().unwrap();
     for addr in addrs {
         local.retain(|(a, _)| a != addr);
-        local.push((addr.clone(), dial.clone()));
+        local.push((addr.clone(), service.clone()));
     }
 }
 
-fn local_dial(addr: &str) -> Option<LocalDial> {
+fn local_service(addr: &str) -> Option<Arc<dyn LocalService>> {
     LOCAL_REPLICAS
         .lock()
         .unwrap()
         .iter()
         .find(|(a, _)| a == addr)
-        .map(|(_, dial)| dial.clone())
+        .map(|(_, service)| service.clone())
 }
 
 struct Shared {
@@ -125,11 +122,22 @@ impl Shared {
 
 pub struct ReplicaClient {
     shared: Arc<Shared>,
-    tx: mpsc::UnboundedSender<EncodedFrame>,
-    next_id: AtomicU64,
+    link: Link,
     timeout: Duration,
     welcome: Welcome,
-    tasks: [JoinHandle<()>; 2],
+}
+
+/// How requests reach the replica.
+enum Link {
+    /// A socket, with a writer task sending queued frames and a reader task
+    /// matching replies to waiters.
+    Remote {
+        tx: mpsc::UnboundedSender<EncodedFrame>,
+        next_id: AtomicU64,
+        tasks: [JoinHandle<()>; 2],
+    },
+    /// A daemon in this process: each request is a call.
+    Local(Arc<dyn LocalSession>),
 }
 
 impl ReplicaClient {
@@ -146,36 +154,47 @@ impl ReplicaClient {
             addr: addr.to_string(),
             reason,
         };
-        let (mut reader, mut writer): (FrameReader<BoxRead>, FrameWriter<BoxWrite>) =
-            match local_dial(addr) {
-                Some(dial) => {
-                    let (rx, tx) = dial().split();
-                    (FrameReader::local(rx), FrameWriter::local(tx))
-                }
-                None => {
-                    let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
-                        .await
-                        .map_err(|_| connect_err(format!("no answer within {timeout:?}")))?
-                        .map_err(|e| connect_err(e.to_string()))?;
-                    stream
-                        .set_nodelay(true)
-                        .map_err(|e| connect_err(e.to_string()))?;
-                    let (rd, wr) = stream.into_split();
-                    (
-                        FrameReader::new(Box::new(rd)),
-                        FrameWriter::new(Box::new(wr)),
-                    )
-                }
-            };
-
-        let hello = Request::Hello(Hello {
+        let hello = Hello {
             version: PROTOCOL_VERSION,
             client: client.to_string(),
             volume: volume.to_string(),
             generation,
+        };
+        let shared = Arc::new(Shared {
+            addr: addr.to_string(),
+            pending: Mutex::new(HashMap::new()),
+            closed: Mutex::new(None),
+            is_closed: AtomicBool::new(false),
         });
+        let refused = |error| ClientError::Remote {
+            addr: addr.to_string(),
+            error,
+        };
+        if let Some(service) = local_service(addr) {
+            let (welcome, session) = tokio::time::timeout(timeout, service.hello(hello))
+                .await
+                .map_err(|_| connect_err(format!("no handshake answer within {timeout:?}")))?
+                .map_err(refused)?;
+            return Ok(ReplicaClient {
+                shared,
+                link: Link::Local(session),
+                timeout,
+                welcome,
+            });
+        }
+
+        let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| connect_err(format!("no answer within {timeout:?}")))?
+            .map_err(|e| connect_err(e.to_string()))?;
+        stream
+            .set_nodelay(true)
+            .map_err(|e| connect_err(e.to_string()))?;
+        let (rd, wr) = stream.into_split();
+        let mut reader: FrameReader<BoxRead> = FrameReader::new(Box::new(rd));
+        let mut writer: FrameWriter<BoxWrite> = FrameWriter::new(Box::new(wr));
         let handshake = async {
-            writer.write_frame(&hello.encode(0)).await?;
+            writer.write_frame(&Request::Hello(hello).encode(0)).await?;
             match reader.read_frame().await? {
                 Some(frame) => Reply::decode(&frame),
                 None => Err(ProtoError::Truncated),
@@ -187,12 +206,7 @@ impl ReplicaClient {
             .map_err(|e| connect_err(e.to_string()))?;
         let welcome = match reply {
             Reply::Welcome(w) => w,
-            Reply::Error(error) => {
-                return Err(ClientError::Remote {
-                    addr: addr.to_string(),
-                    error,
-                })
-            }
+            Reply::Error(error) => return Err(refused(error)),
             other => {
                 return Err(connect_err(format!(
                     "unexpected handshake answer {other:?}"
@@ -200,22 +214,18 @@ impl ReplicaClient {
             }
         };
 
-        let shared = Arc::new(Shared {
-            addr: addr.to_string(),
-            pending: Mutex::new(HashMap::new()),
-            closed: Mutex::new(None),
-            is_closed: AtomicBool::new(false),
-        });
         let (tx, rx) = mpsc::unbounded_channel();
         let reader_task = tokio::spawn(read_replies(reader, shared.clone()));
         let writer_task = tokio::spawn(write_requests(writer, rx, shared.clone()));
         Ok(ReplicaClient {
             shared,
-            tx,
-            next_id: AtomicU64::new(1),
+            link: Link::Remote {
+                tx,
+                next_id: AtomicU64::new(1),
+                tasks: [reader_task, writer_task],
+            },
             timeout,
             welcome,
-            tasks: [reader_task, writer_task],
         })
     }
 
@@ -250,17 +260,27 @@ impl ReplicaClient {
         if self.is_closed() {
             return PendingCall::failed(self.shared.closed_error());
         }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, next_id) = match &self.link {
+            Link::Local(session) => {
+                return PendingCall {
+                    state: Ok(Waiting::Local(session.start(request))),
+                    shared: self.shared.clone(),
+                    timeout: self.timeout,
+                }
+            }
+            Link::Remote { tx, next_id, .. } => (tx, next_id),
+        };
+        let id = next_id.fetch_add(1, Ordering::Relaxed);
         let (wtx, wrx) = oneshot::channel();
         self.shared.pending.lock().unwrap().insert(id, wtx);
         // Checked again after registering, so a close racing with this call
         // either drained our waiter or is seen here.
-        if self.is_closed() || self.tx.send(request.encode(id)).is_err() {
+        if self.is_closed() || tx.send(request.encode(id)).is_err() {
             self.shared.pending.lock().unwrap().remove(&id);
             return PendingCall::failed(self.shared.closed_error());
         }
         PendingCall {
-            state: Ok((id, wrx)),
+            state: Ok(Waiting::Remote(id, wrx)),
             shared: self.shared.clone(),
             timeout: self.timeout,
         }
@@ -275,11 +295,19 @@ impl ReplicaClient {
         unexpected(&self.shared.addr, reply)
     }
 
-    /// Closes the connection now; in-flight calls fail at once.
+    /// Closes the connection now: later calls fail at once, and so do
+    /// calls in flight on a socket. Calls in flight to a daemon in this
+    /// process finish first (their IO is already under way here).
     pub fn close(&self, reason: &str) {
         self.shared.fail_all(reason.to_string());
-        for t in &self.tasks {
-            t.abort();
+        self.abort_tasks();
+    }
+
+    fn abort_tasks(&self) {
+        if let Link::Remote { tasks, .. } = &self.link {
+            for t in tasks {
+                t.abort();
+            }
         }
     }
 }
@@ -292,11 +320,18 @@ fn unexpected(addr: &str, reply: &Reply) -> ClientError {
     }
 }
 
-/// A request on the wire, waiting for its reply.
+/// A request on its way, waiting for its reply.
 pub struct PendingCall {
-    state: Result<(u64, oneshot::Receiver<Result<Reply, ClientError>>), ClientError>,
+    state: Result<Waiting, ClientError>,
     shared: Arc<Shared>,
     timeout: Duration,
+}
+
+enum Waiting {
+    /// Sent with this id; the reader task answers through the channel.
+    Remote(u64, oneshot::Receiver<Result<Reply, ClientError>>),
+    /// Running in this process.
+    Local(LocalCall),
 }
 
 impl PendingCall {
@@ -316,21 +351,29 @@ impl PendingCall {
     /// The reply, at most the IO timeout after the request was queued. A
     /// replica's error answer comes back as [`ClientError::Remote`].
     pub async fn wait(self) -> Result<Reply, ClientError> {
-        let (id, wrx) = self.state?;
-        match tokio::time::timeout(self.timeout, wrx).await {
-            Ok(Ok(Ok(Reply::Error(error)))) => Err(ClientError::Remote {
+        let timed_out = || ClientError::Timeout {
+            addr: self.shared.addr.clone(),
+            timeout: self.timeout,
+        };
+        let reply = match self.state? {
+            Waiting::Local(call) => tokio::time::timeout(self.timeout, call)
+                .await
+                .map_err(|_| timed_out())?,
+            Waiting::Remote(id, wrx) => match tokio::time::timeout(self.timeout, wrx).await {
+                Ok(Ok(result)) => result?,
+                Ok(Err(_)) => return Err(self.shared.closed_error()),
+                Err(_) => {
+                    self.shared.pending.lock().unwrap().remove(&id);
+                    return Err(timed_out());
+                }
+            },
+        };
+        match reply {
+            Reply::Error(error) => Err(ClientError::Remote {
                 addr: self.shared.addr.clone(),
                 error,
             }),
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(self.shared.closed_error()),
-            Err(_) => {
-                self.shared.pending.lock().unwrap().remove(&id);
-                Err(ClientError::Timeout {
-                    addr: self.shared.addr.clone(),
-                    timeout: self.timeout,
-                })
-            }
+            reply => Ok(reply),
         }
     }
 
@@ -346,9 +389,7 @@ impl PendingCall {
 
 impl Drop for ReplicaClient {
     fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
+        self.abort_tasks();
     }
 }
 

@@ -6,7 +6,6 @@ use std::io::IoSlice;
 
 use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
 
 use crate::aligned::{AlignedBuf, IO_ALIGN};
 use crate::error::ProtoError;
@@ -17,86 +16,33 @@ use crate::frame::{
 /// Initial receive buffer; it grows to fit one maximum frame when needed.
 const READ_BUF: usize = 256 * 1024;
 
-/// Frames in flight each way on an in-process link: about what a socket
-/// buffer holds; a sender finding it full waits, as on a socket.
-const LOCAL_LINK_FRAMES: usize = 256;
-
-/// One end of an in-process link ([`local_link`]).
-pub struct LocalEnd {
-    tx: mpsc::Sender<EncodedFrame>,
-    rx: mpsc::Receiver<EncodedFrame>,
-}
-
-/// Two connected ends that pass frames as they are, in memory: for an
-/// engine and a replica daemon in one process. Nothing is serialised,
-/// copied or checksummed, since no byte leaves the process; what each end
-/// reads is exactly the [`RawFrame`] the same frame would decode to from a
-/// stream, with its data payload kept apart.
-pub fn local_link() -> (LocalEnd, LocalEnd) {
-    let (a_tx, b_rx) = mpsc::channel(LOCAL_LINK_FRAMES);
-    let (b_tx, a_rx) = mpsc::channel(LOCAL_LINK_FRAMES);
-    (
-        LocalEnd { tx: a_tx, rx: a_rx },
-        LocalEnd { tx: b_tx, rx: b_rx },
-    )
-}
-
-impl LocalEnd {
-    /// The reading and writing halves, for [`FrameReader::local`] and
-    /// [`FrameWriter::local`].
-    pub fn split(self) -> (mpsc::Receiver<EncodedFrame>, mpsc::Sender<EncodedFrame>) {
-        (self.rx, self.tx)
-    }
-}
-
 pub struct FrameReader<R> {
-    inner: ReaderInner<R>,
-}
-
-enum ReaderInner<R> {
-    Stream {
-        inner: R,
-        buf: BytesMut,
-        /// The last frame had a large body: the next one may too (a stream
-        /// of 128 KiB writes, a rebuild's copies), so its header is read
-        /// alone first, and its body then goes straight from the socket into
-        /// aligned memory instead of through `buf` and a copy.
-        after_large: bool,
-    },
-    Local(mpsc::Receiver<EncodedFrame>),
-}
-
-impl<R> FrameReader<R> {
-    /// Reads frames from an in-process link instead of a stream.
-    pub fn local(rx: mpsc::Receiver<EncodedFrame>) -> FrameReader<R> {
-        FrameReader {
-            inner: ReaderInner::Local(rx),
-        }
-    }
+    inner: R,
+    buf: BytesMut,
+    /// The last frame had a large body: the next one may too (a stream of
+    /// 128 KiB writes, a rebuild's copies), so its header is read alone
+    /// first, and its body then goes straight from the socket into aligned
+    /// memory instead of through `buf` and a copy.
+    after_large: bool,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn new(inner: R) -> FrameReader<R> {
         FrameReader {
-            inner: ReaderInner::Stream {
-                inner,
-                buf: BytesMut::with_capacity(READ_BUF),
-                after_large: false,
-            },
+            inner,
+            buf: BytesMut::with_capacity(READ_BUF),
+            after_large: false,
         }
     }
 
     /// The next whole frame; `Ok(None)` on a clean end of stream between
     /// frames. A stream that ends inside a frame is [`ProtoError::Truncated`].
     pub async fn read_frame(&mut self) -> Result<Option<RawFrame>, ProtoError> {
-        let (inner, buf, after_large) = match &mut self.inner {
-            ReaderInner::Stream {
-                inner,
-                buf,
-                after_large,
-            } => (inner, buf, after_large),
-            ReaderInner::Local(rx) => return rx.recv().await.map(RawFrame::from_local).transpose(),
-        };
+        let FrameReader {
+            inner,
+            buf,
+            after_large,
+        } = self;
         loop {
             if let Some(frame) = decode_frame(buf)? {
                 *after_large = frame.body.len() >= LARGE_BODY;
@@ -157,28 +103,12 @@ async fn read_large<R: AsyncRead + Unpin>(
 }
 
 pub struct FrameWriter<W> {
-    inner: WriterInner<W>,
-}
-
-enum WriterInner<W> {
-    Stream(W),
-    Local(Option<mpsc::Sender<EncodedFrame>>),
-}
-
-impl<W> FrameWriter<W> {
-    /// Writes frames to an in-process link instead of a stream.
-    pub fn local(tx: mpsc::Sender<EncodedFrame>) -> FrameWriter<W> {
-        FrameWriter {
-            inner: WriterInner::Local(Some(tx)),
-        }
-    }
+    inner: W,
 }
 
 impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     pub fn new(inner: W) -> FrameWriter<W> {
-        FrameWriter {
-            inner: WriterInner::Stream(inner),
-        }
+        FrameWriter { inner }
     }
 
     pub async fn write_frame(&mut self, frame: &EncodedFrame) -> std::io::Result<()> {
@@ -188,17 +118,7 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     /// Writes every frame, in order, using as few syscalls as the socket
     /// allows (one `writev` per batch when the socket has room).
     pub async fn write_frames(&mut self, frames: &[EncodedFrame]) -> std::io::Result<()> {
-        let inner = match &mut self.inner {
-            WriterInner::Stream(inner) => inner,
-            WriterInner::Local(tx) => {
-                let closed = || std::io::Error::from(std::io::ErrorKind::BrokenPipe);
-                let tx = tx.as_ref().ok_or_else(closed)?;
-                for f in frames {
-                    tx.send(f.clone()).await.map_err(|_| closed())?;
-                }
-                return Ok(());
-            }
-        };
+        let inner = &mut self.inner;
         let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(frames.len() * 2);
         for f in frames {
             slices.push(IoSlice::new(&f.head));
@@ -221,13 +141,7 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
 
     /// Ends the writing direction: the other end reads a clean end.
     pub async fn shutdown(&mut self) -> std::io::Result<()> {
-        match &mut self.inner {
-            WriterInner::Stream(inner) => inner.shutdown().await,
-            WriterInner::Local(tx) => {
-                tx.take();
-                Ok(())
-            }
-        }
+        self.inner.shutdown().await
     }
 }
 
@@ -331,49 +245,6 @@ mod tests {
             r.read_frame().await,
             Err(ProtoError::UnsupportedVersion(9))
         ));
-    }
-
-    #[tokio::test]
-    async fn a_local_link_delivers_frames_in_order_with_payloads_apart() {
-        let (a, b) = local_link();
-        let (_a_rx, a_tx) = a.split();
-        let (b_rx, _b_tx) = b.split();
-        let mut writer = FrameWriter::<tokio::io::Sink>::local(a_tx);
-        let mut reader = FrameReader::<tokio::io::Empty>::local(b_rx);
-        let data = Bytes::from(vec![7u8; 8192]);
-        let frames: Vec<EncodedFrame> = (0..300u64)
-            .map(|id| {
-                Request::Write {
-                    offset: id * 8192,
-                    fua: id % 2 == 0,
-                    data: data.clone(),
-                }
-                .encode(id)
-            })
-            .collect();
-        let sender = tokio::spawn(async move {
-            writer.write_frames(&frames).await.unwrap();
-            writer.shutdown().await.unwrap();
-        });
-        for id in 0..300u64 {
-            let raw = reader.read_frame().await.unwrap().unwrap();
-            assert_eq!(raw.id, id);
-            // The very same buffer, not a copy.
-            assert_eq!(raw.payload.as_ref().unwrap().as_ptr(), data.as_ptr());
-            match Request::decode(&raw).unwrap() {
-                Request::Write {
-                    offset,
-                    fua,
-                    data: got,
-                } => {
-                    assert_eq!((offset, fua), (id * 8192, id % 2 == 0));
-                    assert_eq!(got, data);
-                }
-                other => panic!("unexpected {other:?}"),
-            }
-        }
-        sender.await.unwrap();
-        assert!(reader.read_frame().await.unwrap().is_none());
     }
 
     fn write_frame(id: u64, len: usize) -> (EncodedFrame, Bytes) {

@@ -43,37 +43,12 @@ pub struct RawFrame {
     pub kind: u8,
     pub id: u64,
     pub body: Bytes,
-    /// The data payload when it came apart from the fields: only on an
-    /// in-process link. From a stream it is part of `body`.
-    pub payload: Option<Bytes>,
 }
 
 impl RawFrame {
     /// A frame read off a stream: fields and payload in one body.
     pub fn new(kind: u8, id: u64, body: Bytes) -> RawFrame {
-        RawFrame {
-            kind,
-            id,
-            body,
-            payload: None,
-        }
-    }
-
-    /// What an in-process link delivers for `frame`: its own fields and
-    /// payload, without going through bytes. Only frames built by this
-    /// crate travel such a link, so the header is trusted as built.
-    pub(crate) fn from_local(frame: EncodedFrame) -> Result<RawFrame, ProtoError> {
-        if frame.head.len() < FRAME_HEADER_LEN {
-            return Err(ProtoError::Truncated);
-        }
-        let kind = frame.head[5];
-        let id = u64::from_le_bytes(frame.head[8..16].try_into().unwrap());
-        Ok(RawFrame {
-            kind,
-            id,
-            body: frame.head.slice(FRAME_HEADER_LEN..),
-            payload: frame.payload,
-        })
+        RawFrame { kind, id, body }
     }
 }
 
@@ -241,7 +216,6 @@ fn magic_of(bytes: &[u8]) -> u32 {
 pub(crate) struct FieldReader<'a> {
     kind: &'static str,
     body: &'a Bytes,
-    payload: Option<&'a Bytes>,
     pos: usize,
 }
 
@@ -251,7 +225,6 @@ impl<'a> FieldReader<'a> {
         FieldReader {
             kind,
             body: &frame.body,
-            payload: frame.payload.as_ref(),
             pos: 0,
         }
     }
@@ -292,28 +265,15 @@ impl<'a> FieldReader<'a> {
             .map_err(|_| ProtoError::malformed(self.kind, "string is not UTF-8"))
     }
 
-    /// The rest of the body (or the payload that came apart from it), as
-    /// a zero-copy slice.
+    /// The rest of the body (the payload), as a zero-copy slice.
     pub(crate) fn rest(&mut self) -> Bytes {
         let rest = self.body.slice(self.pos..);
         self.pos = self.body.len();
-        match self.payload.take() {
-            Some(payload) if rest.is_empty() => payload.clone(),
-            // Fields left over next to a separate payload: cannot come from
-            // this crate's encoder, but is still one contiguous rest.
-            Some(payload) => [&rest[..], &payload[..]].concat().into(),
-            None => rest,
-        }
+        rest
     }
 
     /// Checks that the body held nothing after the fields.
     pub(crate) fn end(&self) -> Result<(), ProtoError> {
-        if let Some(payload) = self.payload.filter(|p| !p.is_empty()) {
-            return Err(ProtoError::malformed(
-                self.kind,
-                format!("{} unexpected payload bytes", payload.len()),
-            ));
-        }
         if self.pos != self.body.len() {
             return Err(ProtoError::malformed(
                 self.kind,

@@ -14,13 +14,15 @@ pub mod aligned;
 pub mod codec;
 pub mod error;
 pub mod frame;
+pub mod local;
 pub mod membership;
 pub mod message;
 pub mod units;
 
-pub use codec::{local_link, FrameReader, FrameWriter, LocalEnd};
+pub use codec::{FrameReader, FrameWriter};
 pub use error::{ErrorCode, ProtoError, RemoteError};
 pub use frame::{EncodedFrame, RawFrame, FRAME_HEADER_LEN, MAGIC, MAX_BODY_LEN, MAX_IO_LEN};
+pub use local::{LocalCall, LocalFuture, LocalService, LocalSession, Opened};
 pub use membership::{Member, MemberState, Membership};
 pub use message::{Hello, ReplicaState, Reply, Request, VolumeInfo, Welcome, MAX_HASHES};
 pub use units::{Generation, NameError, VolumeName};

@@ -12,9 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shorthorn_proto::{
-    local_link, EncodedFrame, ErrorCode, FrameReader, FrameWriter, Generation, Hello, LocalEnd,
-    ProtoError, RawFrame, RemoteError, Reply, Request, VolumeInfo, VolumeName, Welcome, MAX_IO_LEN,
-    PROTOCOL_VERSION,
+    EncodedFrame, ErrorCode, FrameReader, FrameWriter, Generation, Hello, LocalCall, LocalFuture,
+    LocalService, LocalSession, Opened, ProtoError, RawFrame, RemoteError, Reply, Request,
+    VolumeInfo, VolumeName, Welcome, MAX_IO_LEN, PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
@@ -140,21 +140,12 @@ impl Server {
         }
     }
 
-    /// A connection to this daemon that never leaves the process: for an
-    /// engine hosted here, whose replica on this node is then a channel
-    /// away instead of a loopback TCP round trip. Frames pass as they are
-    /// (no bytes, no copies of the data); the other end is served exactly
-    /// like a TCP connection: same handshake, fencing and limits.
-    pub fn connect_local(self: &Arc<Self>) -> LocalEnd {
-        let (engine_end, server_end) = local_link();
-        let (rx, tx) = server_end.split();
-        self.spawn_connection(
-            FrameReader::<tokio::io::Empty>::local(rx),
-            FrameWriter::<tokio::io::Sink>::local(tx),
-            "in-process".to_string(),
-            None,
-        );
-        engine_end
+    /// This daemon as the engines hosted in its process reach it: sessions
+    /// opened with the same hello, fencing and checks as a TCP connection,
+    /// whose requests run as calls inside the engine's own task, with no
+    /// frames, socket or channel between the engine and the replica.
+    pub fn local_service(self: &Arc<Self>) -> Arc<dyn LocalService> {
+        Arc::new(InProcess(self.clone()))
     }
 
     fn spawn_connection<R, W>(
@@ -246,7 +237,11 @@ impl Server {
                 return Err(e);
             }
         };
-        let (session, welcome) = match handshake(&first, store, states, config).await {
+        let opened = match hello_of(&first) {
+            Ok(hello) => open_session(hello, store, states, config).await,
+            Err(e) => Err(e),
+        };
+        let (session, welcome) = match opened {
             Ok(ok) => ok,
             Err(err) => {
                 warn!(%peer, error = %err, "handshake refused");
@@ -257,8 +252,14 @@ impl Server {
                 return Ok(());
             }
         };
-        writer.write_frame(&welcome.encode(first.id)).await?;
-        let session = Arc::new(session);
+        writer
+            .write_frame(&Reply::Welcome(welcome).encode(first.id))
+            .await?;
+        let conn = Conn {
+            session: Arc::new(session),
+            store: store.clone(),
+            states: states.clone(),
+        };
 
         let (tx, rx) = mpsc::channel::<EncodedFrame>(config.max_in_flight * 2);
         let write_task = tokio::spawn(write_replies(writer, rx));
@@ -286,52 +287,16 @@ impl Server {
                     break Err(e);
                 }
             };
-            // Dirty marks and cleans happen here, in the order requests came,
-            // so a clean can never undo the mark of a write sent after it.
-            let ticket = match (&request, session.state()) {
-                (Request::MarkClean { bitmap }, Some(state)) => {
-                    let reply = match io_replica(&session, false) {
-                        Ok(_) => {
-                            state.dirty().clear(bitmap);
-                            // Written (not synced) at once: a daemon killed
-                            // later keeps them; only a power cut loses them,
-                            // which costs one extra compare, never data.
-                            let state = state.clone();
-                            tokio::spawn(async move {
-                                if let Err(e) = state.dirty().sync_clears().await {
-                                    warn!(error = %e, "writing dirty-map clears failed");
-                                }
-                            });
-                            Reply::Done
-                        }
-                        Err(e) => Reply::Error(e),
-                    };
-                    if tx.send(reply.encode(frame.id)).await.is_err() {
-                        break Ok(());
-                    }
-                    continue;
-                }
-                (request, Some(state)) => match write_range(request) {
-                    Some((offset, len)) => state.dirty().mark(offset, len),
-                    None => None,
-                },
-                _ => None,
-            };
+            let reply = conn.begin(request);
             let permit = in_flight
                 .clone()
                 .acquire_owned()
                 .await
                 .expect("semaphore never closes");
             let tx = tx.clone();
-            let store = store.clone();
-            let states = states.clone();
-            let session = session.clone();
             let id = frame.id;
             tokio::spawn(async move {
-                let reply = match execute(request, ticket, &session, &store, &states).await {
-                    Ok(reply) => reply,
-                    Err(err) => Reply::Error(err),
-                };
+                let reply = reply.await;
                 let _ = tx.send(reply.encode(id)).await;
                 drop(permit);
             });
@@ -344,6 +309,96 @@ impl Server {
         drop(tx);
         let _ = write_task.await;
         result
+    }
+}
+
+/// A session being served, over TCP or in process.
+struct Conn {
+    session: Arc<Session>,
+    store: Arc<Store>,
+    states: Arc<States>,
+}
+
+impl Conn {
+    /// Does at once what must follow the order requests arrive in, then
+    /// returns the rest of the request to run. A write's range is marked in
+    /// the dirty map here, and a clean is applied here, so a clean can never
+    /// undo the mark of a write sent after it.
+    fn begin(&self, request: Request) -> impl Future<Output = Reply> + Send + 'static {
+        let state = self.session.state();
+        let (ticket, answered) = match (&request, state) {
+            (Request::MarkClean { bitmap }, Some(state)) => {
+                let reply = match io_replica(&self.session, false) {
+                    Ok(_) => {
+                        state.dirty().clear(bitmap);
+                        // Written (not synced) at once: a daemon killed
+                        // later keeps them; only a power cut loses them,
+                        // which costs one extra compare, never data.
+                        let state = state.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = state.dirty().sync_clears().await {
+                                warn!(error = %e, "writing dirty-map clears failed");
+                            }
+                        });
+                        Reply::Done
+                    }
+                    Err(e) => Reply::Error(e),
+                };
+                (None, Some(reply))
+            }
+            (request, Some(state)) => match write_range(request) {
+                Some((offset, len)) => (state.dirty().mark(offset, len), None),
+                None => (None, None),
+            },
+            _ => (None, None),
+        };
+        let (session, store, states) = (
+            self.session.clone(),
+            self.store.clone(),
+            self.states.clone(),
+        );
+        async move {
+            if let Some(reply) = answered {
+                return reply;
+            }
+            match execute(request, ticket, &session, &store, &states).await {
+                Ok(reply) => reply,
+                Err(err) => Reply::Error(err),
+            }
+        }
+    }
+}
+
+/// The daemon as its hosted engines see it ([`Server::local_service`]).
+struct InProcess(Arc<Server>);
+
+impl LocalService for InProcess {
+    fn hello(&self, hello: Hello) -> LocalFuture<Opened> {
+        let server = self.0.clone();
+        let conn = server.conn_ids.fetch_add(1, Ordering::Relaxed);
+        let span = tracing::info_span!("conn", id = conn, peer = %"in-process");
+        Box::pin(
+            async move {
+                let (store, states) = (&server.store, &server.states);
+                let (session, welcome) =
+                    open_session(hello, store, states, &server.config)
+                        .await
+                        .inspect_err(|err| warn!(error = %err, "handshake refused"))?;
+                let conn = Conn {
+                    session: Arc::new(session),
+                    store: store.clone(),
+                    states: states.clone(),
+                };
+                Ok((welcome, Arc::new(conn) as Arc<dyn LocalSession>))
+            }
+            .instrument(span),
+        )
+    }
+}
+
+impl LocalSession for Conn {
+    fn start(&self, request: Request) -> LocalCall {
+        LocalCall::new(self.begin(request))
     }
 }
 
@@ -387,22 +442,25 @@ fn write_range(request: &Request) -> Option<(u64, u64)> {
     }
 }
 
-async fn handshake(
-    frame: &RawFrame,
+/// A connection's first frame, which must be a hello.
+fn hello_of(frame: &RawFrame) -> Result<Hello, RemoteError> {
+    match Request::decode(frame) {
+        Ok(Request::Hello(h)) => Ok(h),
+        Ok(other) => Err(RemoteError::new(
+            ErrorCode::NotBound,
+            format!("expected a hello first, got {}", other.name()),
+        )),
+        Err(e) => Err(RemoteError::new(e.code(), e.to_string())),
+    }
+}
+
+/// Accepts or refuses a hello: the session it opens and the welcome.
+async fn open_session(
+    hello: Hello,
     store: &Store,
     states: &States,
     config: &ServerConfig,
-) -> Result<(Session, Reply), RemoteError> {
-    let hello = match Request::decode(frame) {
-        Ok(Request::Hello(h)) => h,
-        Ok(other) => {
-            return Err(RemoteError::new(
-                ErrorCode::NotBound,
-                format!("expected a hello first, got {}", other.name()),
-            ))
-        }
-        Err(e) => return Err(RemoteError::new(e.code(), e.to_string())),
-    };
+) -> Result<(Session, Welcome), RemoteError> {
     let Hello {
         version,
         client,
@@ -415,12 +473,10 @@ async fn handshake(
             format!("client speaks protocol {version}, this replica speaks {PROTOCOL_VERSION}"),
         ));
     }
-    let welcome = |volume| {
-        Reply::Welcome(Welcome {
-            version: PROTOCOL_VERSION,
-            server: config.server_id.clone(),
-            volume,
-        })
+    let welcome = |volume| Welcome {
+        version: PROTOCOL_VERSION,
+        server: config.server_id.clone(),
+        volume,
     };
     if volume.is_empty() {
         debug!(%client, "admin session");
@@ -706,5 +762,134 @@ fn volume_info(replica: &Replica) -> VolumeInfo {
         name: replica.name().to_string(),
         size: replica.size(),
         generation: replica.generation(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The in-process sessions hosted engines use: the same fencing, dirty
+    //! map and data as a connection, with requests as calls.
+
+    use std::time::Duration;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::storage::{open_io, IoEngineChoice};
+
+    const SIZE: u64 = 4 * REGION_SIZE;
+
+    async fn daemon(dir: &std::path::Path) -> Arc<dyn LocalService> {
+        let io = open_io(IoEngineChoice::Auto).unwrap();
+        let store = Arc::new(Store::open(dir, io).unwrap());
+        store
+            .create_volume(&VolumeName::new("vol").unwrap(), SIZE)
+            .await
+            .unwrap();
+        Server::new(store, ServerConfig::default()).local_service()
+    }
+
+    async fn session(service: &Arc<dyn LocalService>, generation: u64) -> Arc<dyn LocalSession> {
+        let hello = Hello {
+            version: PROTOCOL_VERSION,
+            client: format!("test engine {generation}"),
+            volume: "vol".into(),
+            generation: Generation(generation),
+        };
+        let (welcome, session) = service.hello(hello).await.unwrap();
+        assert_eq!(welcome.volume.unwrap().generation, Generation(generation));
+        session
+    }
+
+    fn write(offset: u64, byte: u8) -> Request {
+        Request::Write {
+            offset,
+            fua: false,
+            data: Bytes::from(vec![byte; 4096]),
+        }
+    }
+
+    async fn read(session: &Arc<dyn LocalSession>, offset: u64) -> Bytes {
+        match session.start(Request::Read { offset, len: 4096 }).await {
+            Reply::Data(d) => d,
+            other => panic!("read answered {other:?}"),
+        }
+    }
+
+    async fn dirty_regions(session: &Arc<dyn LocalSession>) -> Vec<u64> {
+        let Reply::State(st) = session.start(Request::GetState).await else {
+            panic!("no state")
+        };
+        (0..SIZE / REGION_SIZE)
+            .filter(|r| st.dirty[(r / 8) as usize] & (1 << (r % 8)) != 0)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_local_session_writes_reads_and_flushes() {
+        let dir = tempfile::tempdir().unwrap();
+        let service = daemon(dir.path()).await;
+        let s = session(&service, 1).await;
+        assert_eq!(s.start(write(REGION_SIZE, 0xab)).await, Reply::Done);
+        assert_eq!(s.start(Request::Flush).await, Reply::Done);
+        assert_eq!(&read(&s, REGION_SIZE).await[..], &[0xab; 4096][..]);
+        assert_eq!(&read(&s, 0).await[..], &[0u8; 4096][..]);
+    }
+
+    #[tokio::test]
+    async fn a_hello_with_an_unknown_volume_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let service = daemon(dir.path()).await;
+        let hello = Hello {
+            version: PROTOCOL_VERSION,
+            client: "test".into(),
+            volume: "nope".into(),
+            generation: Generation(1),
+        };
+        let Err(e) = service.hello(hello).await else {
+            panic!("an unknown volume was accepted");
+        };
+        assert_eq!(e.code, ErrorCode::NotFound, "{e}");
+    }
+
+    #[tokio::test]
+    async fn an_older_local_session_is_fenced_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let service = daemon(dir.path()).await;
+        let old = session(&service, 1).await;
+        assert_eq!(old.start(write(0, 1)).await, Reply::Done);
+        let new = session(&service, 2).await;
+        match old.start(write(0, 9)).await {
+            Reply::Error(e) => assert_eq!(e.code, ErrorCode::StaleGeneration, "{e}"),
+            other => panic!("the fenced session's write answered {other:?}"),
+        }
+        assert_eq!(&read(&new, 0).await[..], &[1u8; 4096][..]);
+    }
+
+    #[tokio::test]
+    async fn a_write_is_marked_dirty_when_started_not_when_first_polled() {
+        let dir = tempfile::tempdir().unwrap();
+        let service = daemon(dir.path()).await;
+        let s = session(&service, 1).await;
+        let pending = s.start(write(2 * REGION_SIZE, 5));
+        // Asked after the write was started but answered before it ran.
+        assert_eq!(dirty_regions(&s).await, vec![2]);
+        assert_eq!(pending.await, Reply::Done);
+    }
+
+    #[tokio::test]
+    async fn a_started_write_lands_even_if_its_caller_drops_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let service = daemon(dir.path()).await;
+        let s = session(&service, 1).await;
+        drop(s.start(write(3 * REGION_SIZE, 7)));
+        let landed = async {
+            while read(&s, 3 * REGION_SIZE).await[0] != 7 {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), landed)
+            .await
+            .expect("the dropped write never ran");
     }
 }

@@ -4,8 +4,10 @@
 //! the replica daemon of the node that uses the volume (`engine start
 //! --daemon`). Hosted, it reaches that daemon's replica in memory instead of
 //! over loopback TCP: on small machines each process hop costs a wake-up
-//! and several syscalls per IO, so this is the fast path. Everything else —
-//! handshake, fencing, checksums, recovery — is the same code either way.
+//! and several syscalls per IO, so this is the fast path. Its requests to
+//! that replica are calls into the daemon's serving code, run in the
+//! engine's own task; the handshake, fencing, dirty map and recovery are the
+//! same code either way (checksums only guard bytes that cross a socket).
 //!
 //! The daemon takes requests on a unix socket, one JSON line each:
 //! `{"op":"start","argv":[...]}` (the arguments of `engine serve`),

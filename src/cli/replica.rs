@@ -112,10 +112,9 @@ async fn serve_replicas(args: ServeArgs) -> anyhow::Result<()> {
     };
     let control = match &args.engine_control {
         Some(path) => {
-            let dial_server = server.clone();
             register_local_replica(
                 &own_addresses(&args.listen, addr, &args.advertise),
-                Arc::new(move || dial_server.connect_local()),
+                server.local_service(),
             );
             // Bound before anyone is told the daemon is up.
             let socket = host::bind_control(path)
