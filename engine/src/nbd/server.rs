@@ -29,11 +29,6 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long shutdown waits for connections to answer their in-flight
 /// requests before cutting them off.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
-/// Read buffer of a connection: several small requests per syscall, but
-/// smaller than a large write's payload, whose rest the buffered reader then
-/// reads straight into the payload's own (aligned) memory instead of
-/// copying it out of this buffer.
-const READ_BUFFER: usize = 32 * 1024;
 
 /// How the server presents its one export.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -250,7 +245,7 @@ async fn serve_connection<R, W>(
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send,
 {
-    let mut reader = BufReader::with_capacity(READ_BUFFER, reader);
+    let mut reader = BufReader::with_capacity(transmission::READ_BUFFER, reader);
     let size = shared.backend.size();
     let export = ExportInfo {
         name: shared.export_name.clone(),

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use bytes::{BufMut, BytesMut};
 use futures::FutureExt;
 use shorthorn_proto::aligned::{AlignedBuf, IO_ALIGN};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWrite, BufReader};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
@@ -33,6 +33,11 @@ pub const MAX_INFLIGHT_BYTES: usize = 2 * proto::MAX_BLOCK_SIZE as usize;
 /// An oversized WRITE up to this length is read and thrown away (and answered
 /// with EINVAL); anything longer ends the connection.
 pub const MAX_DISCARDED_WRITE: u32 = 2 * proto::MAX_BLOCK_SIZE;
+/// Read buffer of a connection: several small requests per syscall, but
+/// smaller than a large write's payload, whose rest the buffered reader then
+/// reads straight into the payload's own (aligned) memory instead of
+/// copying it out of this buffer.
+pub const READ_BUFFER: usize = 32 * 1024;
 
 /// Why transmission ended without an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,7 +63,7 @@ pub struct Stats {
 /// server shuts down; returns once every in-flight request has been answered
 /// (or the socket failed).
 pub async fn run<R, W>(
-    reader: R,
+    reader: BufReader<R>,
     writer: W,
     backend: Arc<dyn NbdBackend>,
     size: u64,
@@ -71,6 +76,7 @@ where
     let (tx, rx) = mpsc::unbounded_channel();
     let mut reader = RequestReader {
         reader,
+        after_large: false,
         backend,
         size,
         tx,
@@ -94,7 +100,12 @@ where
 }
 
 struct RequestReader<R> {
-    reader: R,
+    reader: BufReader<R>,
+    /// The last request was a write too large for the read buffer: the
+    /// next may be too (a stream of 128 KiB writes), so its header is read
+    /// alone, and its payload then goes from the socket straight into
+    /// aligned memory instead of partly through the buffer and a copy.
+    after_large: bool,
     backend: Arc<dyn NbdBackend>,
     size: u64,
     tx: mpsc::UnboundedSender<Reply>,
@@ -115,7 +126,7 @@ impl<R: AsyncRead + Unpin> RequestReader<R> {
                 biased;
                 _ = shutdown.wait_for(|stop| *stop) => return Ok(End::Shutdown),
                 _ = self.tx.closed() => return Ok(End::WriterGone),
-                read = read_header(&mut self.reader, &mut raw) => {
+                read = read_header(&mut self.reader, &mut raw, self.after_large) => {
                     if !read? {
                         return Ok(End::Eof);
                     }
@@ -216,12 +227,19 @@ impl<R: AsyncRead + Unpin> RequestReader<R> {
         }
         let bytes_permit = acquire(&self.bytes, header.len).await;
         let len = header.len as usize;
+        self.after_large = len >= READ_BUFFER;
         let data = if len.is_multiple_of(IO_ALIGN) {
             // Whole blocks (what filesystems and most clients send): into
             // aligned memory, which a replica's O_DIRECT file takes as is.
-            AlignedBuf::read_from(&mut self.reader, len)
-                .await?
-                .into_bytes()
+            // A large payload past what is already buffered comes straight
+            // from the socket; a small one through the buffer, with the
+            // requests behind it.
+            if self.after_large {
+                AlignedBuf::read_from(&mut Unbuffered(&mut self.reader), len).await?
+            } else {
+                AlignedBuf::read_from(&mut self.reader, len).await?
+            }
+            .into_bytes()
         } else {
             let mut data = BytesMut::with_capacity(len);
             while data.len() < len {
@@ -299,14 +317,20 @@ impl<R: AsyncRead + Unpin> RequestReader<R> {
 }
 
 /// Reads one request header. `Ok(false)` when the client closed the socket
-/// cleanly before its first byte; a header cut short is an error.
+/// cleanly before its first byte; a header cut short is an error. `alone`:
+/// when nothing is buffered, take only the header's bytes off the socket.
 async fn read_header<R: AsyncRead + Unpin>(
-    reader: &mut R,
+    reader: &mut BufReader<R>,
     raw: &mut [u8; proto::REQUEST_HEADER_LEN],
+    alone: bool,
 ) -> io::Result<bool> {
     let mut filled = 0;
     while filled < raw.len() {
-        let n = reader.read(&mut raw[filled..]).await?;
+        let n = if alone && reader.buffer().is_empty() {
+            reader.get_mut().read(&mut raw[filled..]).await?
+        } else {
+            reader.read(&mut raw[filled..]).await?
+        };
         if n == 0 {
             return if filled == 0 {
                 Ok(false)
@@ -319,9 +343,139 @@ async fn read_header<R: AsyncRead + Unpin>(
     Ok(true)
 }
 
+/// Reads what `0` has buffered, then straight from its socket: the buffer
+/// is never refilled (and then copied out of) on the way.
+struct Unbuffered<'a, R>(&'a mut BufReader<R>);
+
+impl<R: AsyncRead + Unpin> AsyncRead for Unbuffered<'_, R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        out: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let reader = &mut *self.0;
+        let buffered = reader.buffer();
+        if buffered.is_empty() {
+            return std::pin::Pin::new(reader.get_mut()).poll_read(cx, out);
+        }
+        let n = buffered.len().min(out.remaining());
+        out.put_slice(&buffered[..n]);
+        std::pin::Pin::new(reader).consume(n);
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
 async fn acquire(sem: &Arc<Semaphore>, n: u32) -> OwnedSemaphorePermit {
     sem.clone()
         .acquire_many_owned(n)
         .await
         .expect("in-flight semaphores are never closed")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::super::tests::MemBackend;
+    use super::*;
+
+    /// The socket side of a connection, noting how much room each read that
+    /// got data offered: a whole [`READ_BUFFER`] of room is the buffered
+    /// reader refilling its buffer.
+    struct Noting<R> {
+        inner: R,
+        rooms: Arc<Mutex<Vec<usize>>>,
+    }
+
+    impl<R: AsyncRead + Unpin> AsyncRead for Noting<R> {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            out: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            let (room, before) = (out.remaining(), out.filled().len());
+            let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, out);
+            if out.filled().len() > before {
+                self.rooms.lock().unwrap().push(room);
+            }
+            polled
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stream_of_large_writes_goes_around_the_read_buffer() {
+        const WRITES: u64 = 16;
+        const LEN: usize = 128 * 1024;
+        let size = WRITES as usize * LEN;
+        let backend = MemBackend::new(size);
+        let (client, server) = tokio::io::duplex(4 * LEN);
+        let (server_rd, server_wr) = tokio::io::split(server);
+        let rooms = Arc::new(Mutex::new(Vec::new()));
+        let reader = BufReader::with_capacity(
+            READ_BUFFER,
+            Noting {
+                inner: server_rd,
+                rooms: rooms.clone(),
+            },
+        );
+        let (_stop, shutdown) = watch::channel(false);
+        let serving = tokio::spawn(run(
+            reader,
+            server_wr,
+            Arc::new(backend.clone()),
+            size as u64,
+            shutdown,
+        ));
+
+        let (mut client_rd, mut client_wr) = tokio::io::split(client);
+        let sending = tokio::spawn(async move {
+            for i in 0..WRITES {
+                let header = RequestHeader {
+                    magic: proto::REQUEST_MAGIC,
+                    flags: 0,
+                    command: proto::CMD_WRITE,
+                    handle: i,
+                    offset: i * LEN as u64,
+                    len: LEN as u32,
+                };
+                let mut request = header.encode().to_vec();
+                request.extend(std::iter::repeat_n(i as u8 + 1, LEN));
+                client_wr.write_all(&request).await.unwrap();
+            }
+            let disc = RequestHeader {
+                magic: proto::REQUEST_MAGIC,
+                flags: 0,
+                command: proto::CMD_DISC,
+                handle: WRITES,
+                offset: 0,
+                len: 0,
+            };
+            client_wr.write_all(&disc.encode()).await.unwrap();
+        });
+        for _ in 0..WRITES {
+            let mut reply = [0u8; proto::SIMPLE_REPLY_LEN];
+            client_rd.read_exact(&mut reply).await.unwrap();
+            assert_eq!(&reply[4..8], &[0; 4], "a write failed");
+        }
+        sending.await.unwrap();
+        let (end, _) = serving.await.unwrap();
+        assert_eq!(end.unwrap(), End::Disconnect);
+
+        let data = backend.snapshot();
+        for i in 0..WRITES as usize {
+            assert!(data[i * LEN..(i + 1) * LEN]
+                .iter()
+                .all(|&b| b == i as u8 + 1));
+        }
+        // Only the first header, before anyone knew the writes were large,
+        // may have come through the buffer.
+        let rooms = rooms.lock().unwrap();
+        let fills = rooms.iter().filter(|&&room| room == READ_BUFFER).count();
+        assert!(
+            fills <= 1,
+            "the buffer was refilled {fills} times: {rooms:?}"
+        );
+    }
 }
