@@ -14,7 +14,7 @@ mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
@@ -416,14 +416,22 @@ fn bad_engine_requests_are_refused_clearly_and_the_daemon_keeps_serving() {
     assert!(host.proc.is_running());
 }
 
+/// The restart tests' start: a hosting daemon (io_uring) whose directory a
+/// successor will reuse, a plain daemon (sync), and a 64 MiB volume on both
+/// served by a hosted engine.
+fn hosting_setup(tmp: &Path, volume: &str) -> (PathBuf, Replica, Replica, HostedEngine) {
+    let host_dir = tmp.join("host");
+    let host = Replica::start_hosting(&host_dir, "uring");
+    let other = Replica::start(&tmp.join("other"), "sync");
+    create_volume(volume, "64MiB", &[&host, &other]);
+    let engine = HostedEngine::start(&host, tmp, volume, &[&host, &other]);
+    (host_dir, host, other, engine)
+}
+
 #[test]
 fn sigterm_stops_hosted_engines_first_and_their_data_is_kept() {
     let tmp = tempfile::tempdir().unwrap();
-    let host_dir = tmp.path().join("host");
-    let mut host = Replica::start_hosting(&host_dir, "uring");
-    let other = Replica::start(&tmp.path().join("other"), "sync");
-    create_volume("term", "64MiB", &[&host, &other]);
-    let mut engine = HostedEngine::start(&host, tmp.path(), "term", &[&host, &other]);
+    let (host_dir, mut host, other, mut engine) = hosting_setup(tmp.path(), "term");
     qemu_io_ok(
         &engine.uri(),
         &["write -P 0x11 0 4M", "flush", "write -P 0x22 4M 4M"],
@@ -480,12 +488,8 @@ fn sigterm_stops_hosted_engines_first_and_their_data_is_kept() {
 #[test]
 fn kill9_of_the_hosting_daemon_keeps_flushed_writes_and_reconciles() {
     let tmp = tempfile::tempdir().unwrap();
-    let host_dir = tmp.path().join("host");
-    let mut host = Replica::start_hosting(&host_dir, "uring");
-    let other = Replica::start(&tmp.path().join("other"), "sync");
     let volume_size: u64 = 64 << 20;
-    create_volume("crash", "64MiB", &[&host, &other]);
-    let mut engine = HostedEngine::start(&host, tmp.path(), "crash", &[&host, &other]);
+    let (host_dir, mut host, other, mut engine) = hosting_setup(tmp.path(), "crash");
     qemu_io_ok(&engine.uri(), &["write -P 0x3c 0 4M", "flush"]);
     let busy = busy_writer(tmp.path(), &engine.uri(), &other, "--iodepth=32");
     host.proc.kill9();
