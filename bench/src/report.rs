@@ -82,13 +82,18 @@ impl Table {
         Some(&mut cells[col])
     }
 
+    /// A table's first line: the workload column, then one per target.
+    fn header(&self) -> Vec<String> {
+        let mut header = vec!["workload".to_string()];
+        header.extend(self.targets.iter().map(|t| t.name().to_string()));
+        header
+    }
+
     /// The Markdown table, columns padded to line up. With several rounds a
     /// raw cell also shows its lowest and highest figure, and every other
     /// cell its lowest and highest per-round ratio.
     pub fn render(&self) -> String {
-        let mut header = vec!["workload".to_string()];
-        header.extend(self.targets.iter().map(|t| t.name().to_string()));
-        let mut lines = vec![header];
+        let mut lines = vec![self.header()];
         for (w, _) in &self.rows {
             let mut line = vec![w.label().to_string()];
             for &t in &self.targets {
@@ -197,9 +202,7 @@ pub fn render_goals(table: &Table) -> Option<String> {
 /// The CPU table: per workload and target, the CPU time one IO cost the
 /// servers and fio (medians over the rounds), as `servers + fio` µs.
 pub fn render_cpu(servers: &Table, fio: &Table) -> String {
-    let mut header = vec!["workload".to_string()];
-    header.extend(servers.targets.iter().map(|t| t.name().to_string()));
-    let mut lines = vec![header];
+    let mut lines = vec![servers.header()];
     for (w, _) in &servers.rows {
         // Every cell here is µs of CPU, whatever the workload's metric.
         let mut line = vec![w.shape_label().to_string()];

@@ -135,7 +135,7 @@ impl Server {
                 FrameReader::new(rd),
                 FrameWriter::new(wr),
                 peer.to_string(),
-                Some(permit),
+                permit,
             );
         }
     }
@@ -148,12 +148,21 @@ impl Server {
         Arc::new(InProcess(self.clone()))
     }
 
+    /// A session just opened, ready to serve requests.
+    fn conn(&self, session: Session) -> Conn {
+        Conn {
+            session: Arc::new(session),
+            store: self.store.clone(),
+            states: self.states.clone(),
+        }
+    }
+
     fn spawn_connection<R, W>(
         self: &Arc<Self>,
         reader: FrameReader<R>,
         writer: FrameWriter<W>,
         peer: String,
-        permit: Option<OwnedSemaphorePermit>,
+        permit: OwnedSemaphorePermit,
     ) where
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
@@ -255,11 +264,7 @@ impl Server {
         writer
             .write_frame(&Reply::Welcome(welcome).encode(first.id))
             .await?;
-        let conn = Conn {
-            session: Arc::new(session),
-            store: store.clone(),
-            states: states.clone(),
-        };
+        let conn = self.conn(session);
 
         let (tx, rx) = mpsc::channel::<EncodedFrame>(config.max_in_flight * 2);
         let write_task = tokio::spawn(write_replies(writer, rx));
@@ -379,17 +384,14 @@ impl LocalService for InProcess {
         let span = tracing::info_span!("conn", id = conn, peer = %"in-process");
         Box::pin(
             async move {
-                let (store, states) = (&server.store, &server.states);
                 let (session, welcome) =
-                    open_session(hello, store, states, &server.config)
+                    open_session(hello, &server.store, &server.states, &server.config)
                         .await
                         .inspect_err(|err| warn!(error = %err, "handshake refused"))?;
-                let conn = Conn {
-                    session: Arc::new(session),
-                    store: store.clone(),
-                    states: states.clone(),
-                };
-                Ok((welcome, Arc::new(conn) as Arc<dyn LocalSession>))
+                Ok((
+                    welcome,
+                    Arc::new(server.conn(session)) as Arc<dyn LocalSession>,
+                ))
             }
             .instrument(span),
         )
