@@ -9,6 +9,7 @@
 
 mod cpu;
 mod fio;
+mod hops;
 mod machine;
 mod procs;
 mod report;

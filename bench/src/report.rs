@@ -2,8 +2,10 @@
 //! ratio to the raw disk) and the peak-RSS table, as Markdown that also
 //! reads well in a terminal. Pure formatting: no IO.
 
+use crate::hops::{self, RoundTrips};
 use crate::targets::TargetKind;
 use crate::workload::{Goal, Metric, Workload};
+use crate::EngineMode;
 
 /// Figures of one run, by workload and target: one figure per round, in
 /// the order the rounds ran.
@@ -159,10 +161,11 @@ the median over the rounds and its ratio the median of the per-round ratios, eac
 the raw job of the same round; after the ratio come the lowest and highest per-round ratio, and \
 the raw column shows its lowest and highest figure.";
 
-/// shorthorn-2r against its goals, one line per measured row, with
-/// Longhorn v1's published ratio beside it; `None` without a raw and a
-/// shorthorn-2r column.
-pub fn render_goals(table: &Table) -> Option<String> {
+/// shorthorn-2r against its goals, one line per measured row, with what
+/// this machine allows (see [`bound_2r`]) and Longhorn v1's published ratio
+/// beside it; `None` without a raw and a shorthorn-2r column. `trips` holds
+/// each round's socket round trips.
+pub fn render_goals(table: &Table, trips: &[RoundTrips], engines: EngineMode) -> Option<String> {
     if !table.targets.contains(&TargetKind::Raw)
         || !table.targets.contains(&TargetKind::Shorthorn2r)
     {
@@ -172,6 +175,7 @@ pub fn render_goals(table: &Table) -> Option<String> {
         "workload".to_string(),
         "shorthorn-2r".to_string(),
         "goal".to_string(),
+        "bound on this machine".to_string(),
         "Longhorn v1 (published)".to_string(),
         "verdict".to_string(),
     ]];
@@ -184,20 +188,113 @@ pub fn render_goals(table: &Table) -> Option<String> {
             Goal::AtLeast(g) => format!(">= {}", format_ratio(g)),
             Goal::AtMost(g) => format!("<= {}", format_ratio(g)),
         };
+        let bound = bound_2r(table, *w, trips, engines);
         let verdict = match goal.shortfall(ratio) {
             None => "met".to_string(),
+            // The bound itself misses the goal: no engine reaches it here.
+            Some(gap) if bound.is_some_and(|b| goal.shortfall(b.ratio).is_some()) => {
+                format!("short by {gap:.2}; goal beyond this machine's bound")
+            }
             Some(gap) => format!("short by {gap:.2}"),
         };
         lines.push(vec![
             w.shape_label().to_string(),
             format_ratio(ratio),
             goal_text,
+            bound.map_or("—".to_string(), |b| b.to_string()),
             w.longhorn_v1().unwrap_or("—").to_string(),
             verdict,
         ]);
     }
     (lines.len() > 1).then(|| markdown(&lines))
 }
+
+/// The best ratio to the raw disk any 2-replica volume could show on one
+/// row of this run, whatever its engine costs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Bound {
+    pub ratio: f64,
+    kind: BoundKind,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum BoundKind {
+    /// Writes: both replicas share this disk, so they get at most what
+    /// `raw-2-copies` got.
+    TwoCopies,
+    /// Queue depth 1: the raw disk's latency plus the socket round trips
+    /// each IO waits for, as measured in the same rounds.
+    Hops(&'static str),
+}
+
+impl std::fmt::Display for Bound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.kind {
+            BoundKind::TwoCopies => write!(f, "{} (raw-2-copies)", format_ratio(self.ratio)),
+            BoundKind::Hops(hops) => write!(f, "{} (raw + {hops})", format_ratio(self.ratio)),
+        }
+    }
+}
+
+/// What this machine allows shorthorn-2r on row `w`: for the throughput
+/// rows that write, raw-2-copies' ratio (a ceiling); for the latency rows,
+/// per round the raw latency plus the round trips of the socket hops the
+/// IO crosses, over the raw latency (a floor), the median over the rounds.
+/// `None` where the run measured neither (and for reads at depth 64, which
+/// one replica serves).
+pub fn bound_2r(
+    table: &Table,
+    w: Workload,
+    trips: &[RoundTrips],
+    engines: EngineMode,
+) -> Option<Bound> {
+    if w.metric() == Metric::LatencyUs {
+        let hops = hops::hops(2, w.writes_only(), engines);
+        let floors = table
+            .figures(w, TargetKind::Raw)
+            .iter()
+            .zip(trips)
+            .filter(|(raw, _)| **raw > 0.0)
+            .map(|(raw, trip)| (raw + hops.cost_us(trip)) / raw)
+            .collect();
+        return median(floors).map(|ratio| Bound {
+            ratio,
+            kind: BoundKind::Hops(hops.describe()),
+        });
+    }
+    if w.writes_only() {
+        return table.ratio(w, TargetKind::RawTwoCopies).map(|ratio| Bound {
+            ratio,
+            kind: BoundKind::TwoCopies,
+        });
+    }
+    None
+}
+
+/// One line on the socket round trips measured, for the run's header.
+pub fn describe_trips(trips: &[RoundTrips]) -> Option<String> {
+    let unix = median(trips.iter().map(|t| t.unix_us).collect())?;
+    let tcp = median(trips.iter().map(|t| t.tcp_us).collect())?;
+    Some(format!(
+        "socket round trips of a 4 KiB write and its reply between two threads: unix {} µs, \
+         TCP loopback {} µs{}",
+        three_digits(unix),
+        three_digits(tcp),
+        if trips.len() > 1 {
+            " (medians over the rounds)"
+        } else {
+            ""
+        }
+    ))
+}
+
+/// The legend printed under the goals table.
+pub const GOALS_LEGEND: &str = "Bound on this machine: the best any 2-replica volume could \
+show here, however little its engine cost. Write rows at depth 64: what raw-2-copies got, since \
+both replicas write to this one disk. Depth-1 rows: the raw latency plus the socket round trips \
+the IO waits for (the NBD client's unix socket, and TCP to replica daemon 2 for a write), each \
+timed between two threads in the same round. Where the bound itself misses the goal, no engine \
+can meet it on this machine.";
 
 /// The CPU table: per workload and target, the CPU time one IO cost the
 /// servers and fio (medians over the rounds), as `servers + fio` µs.
@@ -418,7 +515,11 @@ mod tests {
         t.add(Workload::RandwriteIops, TargetKind::Shorthorn2r, 34_000.0);
         t.add(Workload::RandreadLat, TargetKind::Raw, 40.0);
         t.add(Workload::RandreadLat, TargetKind::Shorthorn2r, 100.0);
-        let text = render_goals(&t).unwrap();
+        let trips = [RoundTrips {
+            unix_us: 40.0,
+            tcp_us: 60.0,
+        }];
+        let text = render_goals(&t, &trips, EngineMode::Hosted).unwrap();
         let line = |w: &str| text.lines().find(|l| l.contains(w)).unwrap().to_string();
         let write = line("random write 4k QD64");
         assert!(
@@ -446,7 +547,82 @@ mod tests {
         assert!(!text.contains("seq read"), "{text}");
         // Without a shorthorn-2r column there is nothing to judge.
         let only_raw = Table::new(&rows, &[TargetKind::Raw]);
-        assert!(render_goals(&only_raw).is_none());
+        assert!(render_goals(&only_raw, &trips, EngineMode::Hosted).is_none());
+    }
+
+    #[test]
+    fn bounds_come_from_raw_2_copies_and_the_socket_round_trips() {
+        let targets = [
+            TargetKind::Raw,
+            TargetKind::Shorthorn2r,
+            TargetKind::RawTwoCopies,
+        ];
+        let rows = [
+            Workload::RandwriteIops,
+            Workload::RandreadIops,
+            Workload::RandwriteLat,
+            Workload::RandreadLat,
+        ];
+        let mut t = Table::new(&rows, &targets);
+        let trips = [
+            RoundTrips {
+                unix_us: 40.0,
+                tcp_us: 60.0,
+            },
+            RoundTrips {
+                unix_us: 20.0,
+                tcp_us: 30.0,
+            },
+        ];
+        for (raw, copies, sh) in [
+            (100_000.0, 45_000.0, 30_000.0),
+            (50_000.0, 25_000.0, 16_000.0),
+        ] {
+            t.add(Workload::RandwriteIops, TargetKind::Raw, raw);
+            t.add(Workload::RandwriteIops, TargetKind::RawTwoCopies, copies);
+            t.add(Workload::RandwriteIops, TargetKind::Shorthorn2r, sh);
+        }
+        for (raw, sh) in [(50.0, 200.0), (25.0, 110.0)] {
+            t.add(Workload::RandwriteLat, TargetKind::Raw, raw);
+            t.add(Workload::RandwriteLat, TargetKind::Shorthorn2r, sh);
+            t.add(Workload::RandreadLat, TargetKind::Raw, raw);
+            t.add(Workload::RandreadLat, TargetKind::Shorthorn2r, sh / 2.0);
+        }
+        let hosted = EngineMode::Hosted;
+        // Depth-64 writes: raw-2-copies' median ratio, (0.45 + 0.50) / 2.
+        let b = bound_2r(&t, Workload::RandwriteIops, &trips, hosted).unwrap();
+        assert!((b.ratio - 0.475).abs() < 1e-12, "{b:?}");
+        assert_eq!(b.to_string(), "0.47x (raw-2-copies)");
+        assert!(bound_2r(&t, Workload::RandreadIops, &trips, hosted).is_none());
+        // A depth-1 write waits for both hops: (50 + 100) / 50 = 3.0 and
+        // (25 + 50) / 25 = 3.0, each round against its own round trips.
+        let b = bound_2r(&t, Workload::RandwriteLat, &trips, hosted).unwrap();
+        assert_eq!(b.ratio, 3.0);
+        assert_eq!(b.to_string(), "3.00x (raw + unix + TCP round trips)");
+        // A hosted engine reads from its own daemon: the unix hop only.
+        let b = bound_2r(&t, Workload::RandreadLat, &trips, hosted).unwrap();
+        assert_eq!(b.ratio, 1.8);
+        // An engine of its own reaches that replica over TCP too.
+        let b = bound_2r(&t, Workload::RandreadLat, &trips, EngineMode::Process).unwrap();
+        assert_eq!(b.ratio, 3.0);
+
+        let text = render_goals(&t, &trips, hosted).unwrap();
+        let line = |w: &str| text.lines().find(|l| l.contains(w)).unwrap().to_string();
+        // 0.31x against a 0.50x goal and a 0.47x ceiling: beyond the bound.
+        let write = line("random write 4k QD64");
+        assert!(write.contains("0.47x (raw-2-copies)"), "{write}");
+        assert!(
+            write.contains("goal beyond this machine's bound"),
+            "{write}"
+        );
+        // 4.2x against a 3x goal and a 3.0x floor: short, yet within reach.
+        let lat = line("random write 4k QD1");
+        assert!(lat.contains("short by"), "{lat}");
+        assert!(!lat.contains("beyond"), "{lat}");
+        assert!(describe_trips(&trips)
+            .unwrap()
+            .contains("unix 30.0 µs, TCP loopback 45.0 µs"));
+        assert!(describe_trips(&[]).is_none());
     }
 
     #[test]

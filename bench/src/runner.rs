@@ -10,6 +10,7 @@ use anyhow::{bail, Context};
 
 use crate::cpu::CpuSnapshot;
 use crate::fio::{self, Job, Timing};
+use crate::hops::RoundTrips;
 use crate::machine::{self, Machine};
 use crate::procs::{run_to_end, StopFlag};
 use crate::report::{self, Table};
@@ -27,6 +28,8 @@ struct Outcome {
     /// Per measured job, `target workload` and the share of the machine's
     /// CPU that other processes took while it ran.
     others_cpu: Vec<(String, f64)>,
+    /// Each round's socket round trips.
+    trips: Vec<RoundTrips>,
 }
 
 pub fn run_blocking(args: &BenchArgs, shorthorn_exe: &Path, stop: &StopFlag) -> anyhow::Result<()> {
@@ -60,9 +63,15 @@ pub fn run_blocking(args: &BenchArgs, shorthorn_exe: &Path, stop: &StopFlag) -> 
     let outcome = outcome?;
 
     let table = outcome.table.render();
-    let goals = report::render_goals(&outcome.table)
-        .map(|g| format!("\n\nshorthorn-2r against its goals (ratios to the raw disk):\n\n{g}"))
+    let goals = report::render_goals(&outcome.table, &outcome.trips, args.engines)
+        .map(|g| {
+            format!(
+                "\n\nshorthorn-2r against its goals (ratios to the raw disk):\n\n{g}\n{}",
+                report::GOALS_LEGEND
+            )
+        })
         .unwrap_or_default();
+    let trips = report::describe_trips(&outcome.trips);
     let cpu = report::render_cpu(&outcome.cpu_servers, &outcome.cpu_fio);
     let rss = report::render_rss(&outcome.rss);
     println!(
@@ -72,6 +81,9 @@ pub fn run_blocking(args: &BenchArgs, shorthorn_exe: &Path, stop: &StopFlag) -> 
     );
     let sharing = others_cpu_summary(&outcome.others_cpu);
     println!("\n{sharing}");
+    if let Some(trips) = &trips {
+        println!("{trips}");
+    }
     for w in &outcome.warnings {
         println!("WARNING: {w}");
     }
@@ -104,6 +116,9 @@ pub fn run_blocking(args: &BenchArgs, shorthorn_exe: &Path, stop: &StopFlag) -> 
             },
         );
         let _ = writeln!(section, "- {sharing}");
+        if let Some(trips) = &trips {
+            let _ = writeln!(section, "- {trips}");
+        }
         if let Some(note) = &args.note {
             let _ = writeln!(section, "- note: {note}");
         }
@@ -178,12 +193,20 @@ fn measure(
     let timeout = plan.ramp + plan.runtime + Duration::from_secs(60);
     let mut n = 0;
     let mut others_cpu = Vec::new();
+    let mut trips = Vec::new();
     for round in 0..plan.rounds as usize {
         let round_name = if plan.rounds > 1 {
             format!("round {}/{}: ", round + 1, plan.rounds)
         } else {
             String::new()
         };
+        stop.check()?;
+        let t = RoundTrips::measure(TRIPS_TIME).context("timing socket round trips")?;
+        eprintln!(
+            "{round_name}socket round trips: unix {:.1} µs, TCP {:.1} µs",
+            t.unix_us, t.tcp_us
+        );
+        trips.push(t);
         // Each round starts with a different target, so none is always the
         // first job after a change of workload.
         let mut order: Vec<_> = lab.targets.iter().collect();
@@ -260,8 +283,12 @@ fn measure(
         rss,
         warnings,
         others_cpu,
+        trips,
     })
 }
+
+/// How long each kind of socket round trip is timed, once per round.
+const TRIPS_TIME: Duration = Duration::from_millis(500);
 
 /// Runs one fio job alone and parses its JSON report.
 fn run_fio(
