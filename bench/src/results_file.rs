@@ -16,7 +16,8 @@ time: the raw disk (a file, fio `libaio`, `direct=1`), nbdkit's `file` plugin ov
 socket, and shorthorn 1- and 2-replica volumes (replica daemons and engines on loopback;\n\
 fio's `nbd` engine for all three NBD targets). For the write rows, newer runs also\n\
 measure `raw-2-copies`: two raw files written at once, the figure per file, which is the\n\
-most shorthorn-2r can write here with both replicas on this one disk.\n\
+most shorthorn-2r can write here with both replicas on this one disk. Newer runs also\n\
+time socket round trips, which with the raw latency give the floor for the depth-1 rows.\n\
 Absolute figures on shared 2-core machines are noise; the ratios to the raw disk within\n\
 one run are the result. Runs made with `--rounds N` ran every job N times: each cell is\n\
 the median, its ratio the median of per-round ratios, with the lowest and highest beside it.\n";
