@@ -901,6 +901,7 @@ pub fn sigterm_and_wait(proc: &mut Proc, timeout: Duration) -> std::process::Exi
     })
 }
 
+pub mod bad_input;
 pub mod netns;
 
 /// fio options for random writes at queue depth 32 over `size` bytes, each

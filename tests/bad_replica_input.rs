@@ -1,6 +1,7 @@
-//! Bad input against real processes (DESIGN.md invariant 8): malformed
-//! replica-protocol frames, refused requests and path tricks sent to a real
-//! replica daemon, and broken NBD clients sent to a real engine. After each,
+//! Bad input against a real replica daemon's protocol port (DESIGN.md
+//! invariant 8): malformed frames, refused requests and path tricks, an
+//! absurd generation, a second writer beside a live engine, two engines
+//! started at once, and garbage sent while an engine does IO. After each,
 //! the daemon still runs and serves a fresh connection, other connections
 //! keep working, and the volume holds exactly the bytes written before.
 
@@ -17,18 +18,14 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use rand::{Rng, RngCore, SeedableRng};
-use shorthorn_engine::nbd::proto as nbd;
 use shorthorn_proto::frame::decode_frame;
 use shorthorn_proto::{
     ErrorCode, Generation, Hello, RemoteError, Reply, Request, VolumeInfo, MAGIC, MAX_BODY_LEN,
     MAX_IO_LEN, PROTOCOL_VERSION,
 };
 
+use common::bad_input::*;
 use common::*;
-
-const MIB: usize = 1 << 20;
-/// How long one step may take before the test calls it a hang.
-const STEP: Duration = Duration::from_secs(10);
 
 // ----- a hand-driven replica-protocol client -------------------------------
 
@@ -114,7 +111,7 @@ impl Wire {
     fn hello(&mut self, volume: &str, generation: u64) -> Reply {
         let hello = Request::Hello(Hello {
             version: PROTOCOL_VERSION,
-            client: "bad_input test".into(),
+            client: "bad_replica_input test".into(),
             volume: volume.into(),
             generation: Generation(generation),
         });
@@ -282,29 +279,7 @@ fn tree(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-fn stop(engine: &mut Engine) {
-    engine.proc.signal(nix::sys::signal::Signal::SIGTERM);
-    let status = engine
-        .proc
-        .wait_exit(STEP * 2)
-        .expect("engine did not stop");
-    assert!(status.success(), "engine exited with {status}");
-}
-
-/// Reads the whole volume through a fresh engine and compares it with `want`.
-fn assert_volume_holds(tmp: &Path, name: &str, replicas: &[&Replica], want: &Path) {
-    // Each replica on its own, if asked: the operator's override.
-    let mut engine = Engine::start_with(tmp, name, replicas, &["--allow-missing-replicas"]);
-    let back = tmp.join(format!("{name}-back.img"));
-    run(Command::new("nbdcopy").arg(engine.uri()).arg(&back));
-    assert!(
-        files_equal(want, &back),
-        "volume {name} does not hold the bytes written before the bad input"
-    );
-    std::fs::remove_file(&back).unwrap();
-    stop(&mut engine);
-}
-
+/// Writes `src` over the volume through an engine, then stops it.
 fn fill_volume(tmp: &Path, name: &str, replicas: &[&Replica], src: &Path) {
     let mut engine = Engine::start(tmp, name, replicas);
     run(Command::new("qemu-img")
@@ -314,20 +289,31 @@ fn fill_volume(tmp: &Path, name: &str, replicas: &[&Replica], src: &Path) {
     stop(&mut engine);
 }
 
-// ----- replica daemon ------------------------------------------------------
+/// The volumes of [`replica_with_kept_and_other`], with their sizes.
+const KEPT_AND_OTHER: [(&str, u64); 2] = [("kept", 16 << 20), ("other", 8 << 20)];
+
+/// A replica daemon serving `tmp`/r1 with two volumes: "kept", filled with
+/// random bytes from `seed`, and "other", never written. Returns the daemon
+/// and the file of kept's bytes.
+fn replica_with_kept_and_other(tmp: &Path, seed: u64) -> (Replica, PathBuf) {
+    let r = Replica::start(&tmp.join("r1"), "auto");
+    create_volume("kept", "16MiB", &[&r]);
+    create_volume("other", "8MiB", &[&r]);
+    let src = tmp.join("src.img");
+    random_file(&src, 16 * MIB, seed);
+    fill_volume(tmp, "kept", &[&r], &src);
+    (r, src)
+}
+
+// ----- the daemon's protocol port -----------------------------------------
 
 /// Malformed frames: each gets an error answer (or a close) on its own
 /// connection and nothing else.
 #[test]
 fn replica_daemon_refuses_malformed_frames() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut r = Replica::start(&tmp.path().join("r1"), "auto");
-    create_volume("kept", "16MiB", &[&r]);
-    create_volume("other", "8MiB", &[&r]);
-    let src = tmp.path().join("src.img");
-    random_file(&src, 16 * MIB, 81);
-    fill_volume(tmp.path(), "kept", &[&r], &src);
-    let vols = [("kept", 16 << 20), ("other", 8 << 20)];
+    let (mut r, src) = replica_with_kept_and_other(tmp.path(), 81);
+    let vols = KEPT_AND_OTHER;
     let addr = r.addr.clone();
     let ping = Request::Ping.encode(5).to_vec();
     assert_eq!(reseal(ping.clone()), ping, "the test's crc32 disagrees");
@@ -498,14 +484,8 @@ fn replica_daemon_refuses_malformed_frames() {
 #[test]
 fn replica_daemon_refuses_bad_requests_without_changing_a_byte() {
     let tmp = tempfile::tempdir().unwrap();
-    let data_dir = tmp.path().join("r1");
-    let mut r = Replica::start(&data_dir, "auto");
-    create_volume("kept", "16MiB", &[&r]);
-    create_volume("other", "8MiB", &[&r]);
-    let src = tmp.path().join("src.img");
-    random_file(&src, 16 * MIB, 82);
-    fill_volume(tmp.path(), "kept", &[&r], &src);
-    let vols = [("kept", 16 << 20), ("other", 8 << 20)];
+    let (mut r, src) = replica_with_kept_and_other(tmp.path(), 82);
+    let vols = KEPT_AND_OTHER;
     let addr = r.addr.clone();
     let size = 16u64 << 20;
     let engine_gen = volume_info(&addr, "kept").generation.0;
@@ -1061,342 +1041,4 @@ fn replica_daemon_keeps_serving_an_engine_during_garbage() {
         "{rounds} garbage rounds during {:.1} s of fio",
         started.elapsed().as_secs_f64()
     );
-}
-
-// ----- engine NBD port -----------------------------------------------------
-
-/// A hand-driven NBD client on an engine's unix socket.
-struct Nbd {
-    s: UnixStream,
-}
-
-impl Nbd {
-    fn connect(socket: &Path) -> Nbd {
-        let s = UnixStream::connect(socket).unwrap();
-        s.set_read_timeout(Some(STEP)).unwrap();
-        s.set_write_timeout(Some(STEP)).unwrap();
-        Nbd { s }
-    }
-
-    fn greeted(socket: &Path) -> Nbd {
-        let mut c = Nbd::connect(socket);
-        let mut g = [0u8; nbd::GREETING_LEN];
-        c.s.read_exact(&mut g).expect("greeting");
-        assert_eq!(
-            u64::from_be_bytes(g[0..8].try_into().unwrap()),
-            nbd::NBD_MAGIC
-        );
-        assert_eq!(
-            u64::from_be_bytes(g[8..16].try_into().unwrap()),
-            nbd::OPTION_MAGIC
-        );
-        c
-    }
-
-    fn haggling(socket: &Path) -> Nbd {
-        let mut c = Nbd::greeted(socket);
-        c.send(&(nbd::FLAG_C_FIXED_NEWSTYLE | nbd::FLAG_C_NO_ZEROES).to_be_bytes());
-        c
-    }
-
-    fn attached(socket: &Path) -> Nbd {
-        let mut c = Nbd::haggling(socket);
-        let go = c.option(nbd::OPT_GO, &info_request(b""));
-        assert_eq!(go.last().unwrap().0, nbd::REP_ACK, "GO refused: {go:?}");
-        c
-    }
-
-    fn send(&mut self, bytes: &[u8]) {
-        self.s.write_all(bytes).expect("send to the engine");
-    }
-
-    fn send_lossy(&mut self, bytes: &[u8]) {
-        let _ = self.s.write_all(bytes);
-    }
-
-    fn read_exact(&mut self, buf: &mut [u8]) {
-        self.s.read_exact(buf).expect("read from the engine");
-    }
-
-    fn option_header(option: u32, len: u32) -> Vec<u8> {
-        let mut out = nbd::OPTION_MAGIC.to_be_bytes().to_vec();
-        out.extend_from_slice(&option.to_be_bytes());
-        out.extend_from_slice(&len.to_be_bytes());
-        out
-    }
-
-    /// Sends an option; returns its replies up to the final one.
-    fn option(&mut self, option: u32, data: &[u8]) -> Vec<(u32, Vec<u8>)> {
-        let mut out = Nbd::option_header(option, data.len() as u32);
-        out.extend_from_slice(data);
-        self.send(&out);
-        let mut replies = Vec::new();
-        loop {
-            let mut h = [0u8; 20];
-            self.read_exact(&mut h);
-            assert_eq!(
-                u64::from_be_bytes(h[0..8].try_into().unwrap()),
-                nbd::OPTION_REPLY_MAGIC
-            );
-            assert_eq!(u32::from_be_bytes(h[8..12].try_into().unwrap()), option);
-            let ty = u32::from_be_bytes(h[12..16].try_into().unwrap());
-            let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
-            let mut data = vec![0u8; len];
-            self.read_exact(&mut data);
-            replies.push((ty, data));
-            if ty != nbd::REP_INFO && ty != nbd::REP_SERVER {
-                return replies;
-            }
-        }
-    }
-
-    fn header(command: u16, flags: u16, handle: u64, offset: u64, len: u32) -> [u8; 28] {
-        nbd::RequestHeader {
-            magic: nbd::REQUEST_MAGIC,
-            flags,
-            command,
-            handle,
-            offset,
-            len,
-        }
-        .encode()
-    }
-
-    fn request(&mut self, command: u16, flags: u16, handle: u64, offset: u64, len: u32) {
-        self.send(&Nbd::header(command, flags, handle, offset, len));
-    }
-
-    /// One simple reply: (error, handle).
-    fn reply(&mut self) -> (u32, u64) {
-        let mut r = [0u8; nbd::SIMPLE_REPLY_LEN];
-        self.read_exact(&mut r);
-        assert_eq!(
-            u32::from_be_bytes(r[0..4].try_into().unwrap()),
-            nbd::SIMPLE_REPLY_MAGIC
-        );
-        (
-            u32::from_be_bytes(r[4..8].try_into().unwrap()),
-            u64::from_be_bytes(r[8..16].try_into().unwrap()),
-        )
-    }
-
-    fn read_block(&mut self, handle: u64, offset: u64, len: u32) -> Vec<u8> {
-        self.request(nbd::CMD_READ, 0, handle, offset, len);
-        assert_eq!(self.reply(), (0, handle), "read at {offset}");
-        let mut data = vec![0u8; len as usize];
-        self.read_exact(&mut data);
-        data
-    }
-
-    /// The engine hangs up (EOF or reset) without sending anything more.
-    fn expect_closed(&mut self, what: &str) {
-        let mut buf = [0u8; 256];
-        match self.s.read(&mut buf) {
-            Ok(0) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted
-                ) => {}
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                panic!("{what}: the engine kept the connection open")
-            }
-            Err(e) => panic!("{what}: {e}"),
-            Ok(n) => panic!("{what}: expected a close, got {n} bytes: {:?}", &buf[..n]),
-        }
-    }
-}
-
-/// The data of NBD_OPT_GO / NBD_OPT_INFO: name, then no info requests.
-fn info_request(name: &[u8]) -> Vec<u8> {
-    let mut d = (name.len() as u32).to_be_bytes().to_vec();
-    d.extend_from_slice(name);
-    d.extend_from_slice(&0u16.to_be_bytes());
-    d
-}
-
-fn slice_of(file: &Path, offset: u64, len: usize) -> Vec<u8> {
-    let data = std::fs::read(file).unwrap();
-    data[offset as usize..offset as usize + len].to_vec()
-}
-
-/// The engine still serves: a fresh `nbdinfo` sees the export's size, and
-/// `qemu-io` reads a block that matches `src`.
-fn assert_engine_serves(engine: &mut Engine, size: u64, src: &Path, after: &str) {
-    assert!(
-        engine.proc.is_running(),
-        "engine died after {after}:\n{}",
-        engine.proc.log_text()
-    );
-    let out = run(Command::new("nbdinfo").arg("--size").arg(engine.uri()));
-    let seen: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
-    assert_eq!(seen, size, "after {after}");
-    let mut c = Nbd::attached(&engine.socket);
-    assert_eq!(
-        c.read_block(1, 1 << 20, 4096),
-        slice_of(src, 1 << 20, 4096),
-        "after {after}"
-    );
-    c.request(nbd::CMD_DISC, 0, 2, 0, 0);
-    c.expect_closed("disconnect");
-}
-
-#[test]
-fn engine_nbd_port_survives_bad_clients() {
-    let tmp = tempfile::tempdir().unwrap();
-    let r1 = Replica::start(&tmp.path().join("r1"), "auto");
-    let r2 = Replica::start(&tmp.path().join("r2"), "sync");
-    create_volume("nbdvol", "16MiB", &[&r1, &r2]);
-    let size = 16u64 << 20;
-    let src = tmp.path().join("src.img");
-    random_file(&src, 16 * MIB, 84);
-    let mut engine = Engine::start(tmp.path(), "nbdvol", &[&r1, &r2]);
-    run(Command::new("qemu-img")
-        .args(["convert", "-n", "-f", "raw", "-O", "raw"])
-        .arg(&src)
-        .arg(engine.uri()));
-    let sock = engine.socket.clone();
-    // A client attached from the start must survive everything below.
-    let mut bystander = Nbd::attached(&sock);
-
-    // Handshake: garbage instead of the client flags.
-    let mut c = Nbd::greeted(&sock);
-    c.send_lossy(b"GET / HTTP/1.1\r\nHost: engine\r\n\r\n");
-    c.expect_closed("HTTP in the handshake");
-    // Random bytes after the greeting.
-    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-    for _ in 0..10 {
-        let mut c = Nbd::greeted(&sock);
-        let mut junk = vec![0u8; rng.gen_range(1..600)];
-        rng.fill_bytes(&mut junk);
-        c.send_lossy(&junk);
-        drop(c);
-    }
-    // A wrong option magic.
-    let mut c = Nbd::haggling(&sock);
-    c.send(&[0xde; 16]);
-    c.expect_closed("bad option magic");
-    // An absurd option length: closed without waiting for 4 GiB.
-    let mut c = Nbd::haggling(&sock);
-    c.send(&Nbd::option_header(nbd::OPT_GO, u32::MAX));
-    c.expect_closed("absurd option length");
-    // Option data that contradicts itself is refused politely, and the
-    // negotiation goes on.
-    let mut c = Nbd::haggling(&sock);
-    let mut lying = 1000u32.to_be_bytes().to_vec();
-    lying.extend_from_slice(b"nbdvol\0\0");
-    assert_eq!(c.option(nbd::OPT_GO, &lying)[0].0, nbd::REP_ERR_INVALID);
-    assert_eq!(c.option(nbd::OPT_INFO, b"\0")[0].0, nbd::REP_ERR_INVALID);
-    assert_eq!(c.option(nbd::OPT_LIST, b"x")[0].0, nbd::REP_ERR_INVALID);
-    assert_eq!(c.option(0x4242, b"what")[0].0, nbd::REP_ERR_UNSUP);
-    assert_eq!(
-        c.option(nbd::OPT_GO, &info_request(b"not-this-one"))[0].0,
-        nbd::REP_ERR_UNKNOWN
-    );
-    let go = c.option(nbd::OPT_GO, &info_request(b"nbdvol"));
-    assert_eq!(go.last().unwrap().0, nbd::REP_ACK);
-    assert_eq!(c.read_block(9, 0, 4096), slice_of(&src, 0, 4096));
-    // An option header cut short, then a hang-up.
-    let mut c = Nbd::haggling(&sock);
-    c.send(&nbd::OPTION_MAGIC.to_be_bytes()[..5]);
-    drop(c);
-    assert_engine_serves(&mut engine, size, &src, "handshake garbage");
-
-    // Transmission: requests the engine must refuse with an error reply,
-    // keeping the connection in step.
-    let mut c = Nbd::attached(&sock);
-    let cases: Vec<(u16, u16, u64, u32, u32)> = vec![
-        (nbd::CMD_READ, 0, size, 4096, nbd::EINVAL),
-        (nbd::CMD_READ, 0, size - 4096, 8192, nbd::EINVAL),
-        (nbd::CMD_READ, 0, u64::MAX - 511, 1024, nbd::EINVAL),
-        (nbd::CMD_READ, 0, 0, nbd::MAX_BLOCK_SIZE + 512, nbd::EINVAL),
-        (nbd::CMD_READ, 0, 0, u32::MAX, nbd::EINVAL),
-        (nbd::CMD_READ, 0, 3, 512, nbd::EINVAL),
-        (nbd::CMD_TRIM, 0, size - 4096, 8192, nbd::EINVAL),
-        (nbd::CMD_TRIM, 0, u64::MAX - 511, 1024, nbd::EINVAL),
-        (nbd::CMD_WRITE_ZEROES, 0, size - 4096, 8192, nbd::ENOSPC),
-        (nbd::CMD_WRITE_ZEROES, 0, u64::MAX - 511, 1024, nbd::ENOSPC),
-        (nbd::CMD_WRITE_ZEROES, 0, 0, u32::MAX, nbd::ENOSPC),
-        (nbd::CMD_CACHE, 0, 0, 512, nbd::EINVAL),
-        (nbd::CMD_BLOCK_STATUS, 0, 0, 512, nbd::EINVAL),
-        (9, 0, 0, 512, nbd::EINVAL),
-        (0xffff, 0, 0, 0, nbd::EINVAL),
-        (nbd::CMD_READ, 0x8000, 0, 512, nbd::EINVAL),
-    ];
-    for (i, (command, flags, offset, len, want)) in cases.iter().enumerate() {
-        c.request(*command, *flags, i as u64, *offset, *len);
-        assert_eq!(
-            c.reply(),
-            (*want, i as u64),
-            "case {i}: command {command} at {offset} len {len}"
-        );
-    }
-    // Writes carry their payload even when refused.
-    let writes: Vec<(u64, u32, u32)> = vec![
-        (size, 4096, nbd::ENOSPC),
-        (size - 4096, 8192, nbd::ENOSPC),
-        (u64::MAX - 4095, 8192, nbd::ENOSPC),
-        (100, 512, nbd::EINVAL),
-    ];
-    for (i, (offset, len, want)) in writes.iter().enumerate() {
-        let handle = 100 + i as u64;
-        c.request(nbd::CMD_WRITE, 0, handle, *offset, *len);
-        c.send(&vec![0xee; *len as usize]);
-        assert_eq!(c.reply(), (*want, handle), "write at {offset} len {len}");
-    }
-    assert_eq!(
-        c.read_block(200, size - 4096, 4096),
-        slice_of(&src, size - 4096, 4096)
-    );
-    drop(c);
-    assert_engine_serves(&mut engine, size, &src, "refused requests");
-
-    // Protocol violations close only their own connection.
-    let mut c = Nbd::attached(&sock);
-    let mut bad = Nbd::header(nbd::CMD_WRITE, 0, 1, 0, 4096);
-    bad[0..4].copy_from_slice(&0x1234_5678u32.to_be_bytes());
-    c.send(&bad);
-    c.send_lossy(&[0xee; 4096]);
-    c.expect_closed("bad request magic");
-    // A write too long even to throw away.
-    let mut c = Nbd::attached(&sock);
-    c.request(nbd::CMD_WRITE, 0, 1, 0, u32::MAX);
-    c.send_lossy(&[0xee; 65536]);
-    c.expect_closed("4 GiB write");
-    // A header cut short, then a hang-up.
-    let mut c = Nbd::attached(&sock);
-    c.send(&Nbd::header(nbd::CMD_WRITE, 0, 1, 0, 4096)[..11]);
-    drop(c);
-    // A write whose payload stops half way, then a hang-up: nothing lands.
-    let mut c = Nbd::attached(&sock);
-    c.request(nbd::CMD_WRITE, 0, 1, 65536, 65536);
-    c.send(&[0xee; 30000]);
-    c.s.shutdown(Shutdown::Write).unwrap();
-    c.expect_closed("half a write");
-    // Random bytes after a good handshake.
-    for _ in 0..10 {
-        let mut c = Nbd::attached(&sock);
-        let mut junk = vec![0u8; rng.gen_range(1..300)];
-        rng.fill_bytes(&mut junk);
-        junk[0] = 0x42;
-        c.send_lossy(&junk);
-        drop(c);
-    }
-    assert_eq!(
-        bystander.read_block(1, 4096, 4096),
-        slice_of(&src, 4096, 4096),
-        "the bystander connection was disturbed"
-    );
-    assert_engine_serves(&mut engine, size, &src, "protocol violations");
-
-    // Every byte is still the one written before.
-    let back = tmp.path().join("back.img");
-    run(Command::new("nbdcopy").arg(engine.uri()).arg(&back));
-    assert!(files_equal(&src, &back), "bad NBD input changed the volume");
-    drop(bystander);
-    stop(&mut engine);
-    // And each replica alone agrees.
-    for only in [&r1, &r2] {
-        assert_volume_holds(tmp.path(), "nbdvol", &[only], &src);
-    }
 }
