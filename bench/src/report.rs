@@ -289,13 +289,14 @@ pub fn describe_trips(trips: &[RoundTrips]) -> Option<String> {
 }
 
 /// The legend printed under the goals table.
-pub const GOALS_LEGEND: &str = "Bound on this machine: the best any 2-replica volume could \
+pub const GOALS_LEGEND: &str = "Bound on this machine: about the best any 2-replica volume could \
 show here, however little its engine cost. Write rows at depth 64: what raw-2-copies got, since \
 both replicas write to this one disk. Depth-1 rows: the raw latency plus the socket round trips \
 the IO waits for (the NBD client's unix socket, and TCP to each replica it waits for that is \
 reached over TCP: with engines hosted in replica daemon 1, the second replica of a write), each \
-timed between two threads in the same round. Where the bound itself misses the goal, no engine \
-can meet it on this machine.";
+timed between two threads in the same round (fio's own cost per IO, in the raw figure, stands in \
+for the NBD client's). Where the bound itself misses the goal, no engine can meet it on this \
+machine.";
 
 /// The CPU table: per workload and target, the CPU time one IO cost the
 /// servers and fio (medians over the rounds), as `servers + fio` µs.
