@@ -259,26 +259,6 @@ fn assert_replica_serves(r: &mut Replica, volumes: &[(&str, u64)], after: &str) 
     }
 }
 
-/// Every path under `dir`, except logs (which grow).
-fn tree(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.extension().is_some_and(|x| x == "log") {
-                continue;
-            }
-            if p.is_dir() {
-                todo.push(p.clone());
-            }
-            out.push(p);
-        }
-    }
-    out.sort();
-    out
-}
-
 /// Writes `src` over the volume through an engine, then stops it.
 fn fill_volume(tmp: &Path, name: &str, replicas: &[&Replica], src: &Path) {
     let mut engine = Engine::start(tmp, name, replicas);

@@ -63,26 +63,6 @@ fn refused(args: &[&str], wants: &[&str]) -> Output {
     out
 }
 
-/// Every path under `dir`, except logs (which grow).
-fn tree(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.extension().is_some_and(|x| x == "log") {
-                continue;
-            }
-            if p.is_dir() {
-                todo.push(p.clone());
-            }
-            out.push(p);
-        }
-    }
-    out.sort();
-    out
-}
-
 #[test]
 fn help_texts_name_every_flag() {
     let cases: &[(&[&str], &[&str])] = &[

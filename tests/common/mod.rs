@@ -679,6 +679,26 @@ impl Drop for Mount {
     }
 }
 
+/// Every path under `dir`, except logs (which grow).
+pub fn tree(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "log") {
+                continue;
+            }
+            if p.is_dir() {
+                todo.push(p.clone());
+            }
+            out.push(p);
+        }
+    }
+    out.sort();
+    out
+}
+
 /// Bytes of disk actually allocated under `dir`, recursively (a sparse file
 /// counts only its written blocks): how a test sees writes land on a
 /// replica without knowing its file layout.
