@@ -64,6 +64,35 @@ fn refused(args: &[&str], wants: &[&str]) -> Output {
 }
 
 #[test]
+fn engine_serve_refuses_timeouts_that_are_no_wait() {
+    let serve = [
+        "engine",
+        "serve",
+        "v",
+        "--replica",
+        "127.0.0.1:1",
+        "--nbd",
+        "127.0.0.1:0",
+    ];
+    let with = |extra: &[&'static str]| -> Vec<&'static str> {
+        serve.iter().copied().chain(extra.iter().copied()).collect()
+    };
+    refused(
+        &with(&["--io-timeout", "0s"]),
+        &["--io-timeout", "at least 1ms"],
+    );
+    refused(
+        &with(&["--io-timeout", "5h"]),
+        &["unknown unit", "ms, s or m"],
+    );
+    refused(&with(&["--io-timeout-ms", "0"]), &["--io-timeout-ms", "0"]);
+    refused(
+        &with(&["--io-timeout", "2s", "--io-timeout-ms", "2000"]),
+        &["cannot be used with"],
+    );
+}
+
+#[test]
 fn help_texts_name_every_flag() {
     let cases: &[(&[&str], &[&str])] = &[
         (
@@ -88,6 +117,7 @@ fn help_texts_name_every_flag() {
                 "<NAME>",
                 "--replica",
                 "--nbd",
+                "--io-timeout",
                 "--io-timeout-ms",
                 "--max-connections",
             ],

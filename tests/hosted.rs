@@ -187,7 +187,7 @@ fn hosted_engine_carries_on_when_the_other_daemon_is_killed_and_takes_it_back() 
         tmp.path(),
         "survive",
         &[&host, &other],
-        &["--io-timeout-ms", "2000"],
+        &["--io-timeout", "2s"],
     );
     // Verify as it goes, so reads are in flight too when the daemon dies.
     let job = verified_random_writes("--bs=4k", FIO_SIZE, &["--verify_backlog=1024"]);

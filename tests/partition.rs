@@ -113,7 +113,7 @@ impl Lab {
 
         let socket = dir.join(format!("{VOLUME}.sock"));
         let nbd = format!("unix:{}", socket.display());
-        let timeout = IO_TIMEOUT_MS.to_string();
+        let timeout = format!("{IO_TIMEOUT_MS}ms");
         // The engine's control socket goes in this test's directory, not
         // the machine's /run/shorthorn.
         let run_dir = dir.to_str().unwrap();
@@ -127,7 +127,7 @@ impl Lab {
             &addr_b,
             "--nbd",
             &nbd,
-            "--io-timeout-ms",
+            "--io-timeout",
             &timeout,
             "--run-dir",
             run_dir,

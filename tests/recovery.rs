@@ -54,7 +54,7 @@ fn replicas_killed_and_restarted_ten_times_under_fio_lose_nothing() {
     let mut a = Replica::start(&tmp.path().join("a"), "uring");
     let mut b = Replica::start(&tmp.path().join("b"), "sync");
     create_volume("loop", "128MiB", &[&a, &b]);
-    let engine = Engine::start_with(tmp.path(), "loop", &[&a, &b], &["--io-timeout-ms", "2000"]);
+    let engine = Engine::start_with(tmp.path(), "loop", &[&a, &b], &["--io-timeout", "2s"]);
     let cycles = 10;
     for cycle in 0..cycles {
         let fio = Fio::start(

@@ -18,12 +18,7 @@ fn stalled_replica_is_dropped_and_io_goes_on() {
     let r1 = Replica::start(&tmp.path().join("r1"), "uring");
     let r2 = Replica::start(&tmp.path().join("r2"), "sync");
     create_volume("stall", "64MiB", &[&r1, &r2]);
-    let engine = Engine::start_with(
-        tmp.path(),
-        "stall",
-        &[&r1, &r2],
-        &["--io-timeout-ms", "1000"],
-    );
+    let engine = Engine::start_with(tmp.path(), "stall", &[&r1, &r2], &["--io-timeout", "1s"]);
 
     let (ok, out) = qemu_io(&engine.uri(), &["write -P 0x11 0 4M", "flush"]);
     assert!(ok, "{out}");
@@ -69,12 +64,7 @@ fn no_replica_left_fails_with_eio_and_never_hangs() {
     let r1 = Replica::start(&tmp.path().join("r1"), "auto");
     let r2 = Replica::start(&tmp.path().join("r2"), "auto");
     create_volume("gone", "64MiB", &[&r1, &r2]);
-    let engine = Engine::start_with(
-        tmp.path(),
-        "gone",
-        &[&r1, &r2],
-        &["--io-timeout-ms", "1000"],
-    );
+    let engine = Engine::start_with(tmp.path(), "gone", &[&r1, &r2], &["--io-timeout", "1s"]);
     let (ok, out) = qemu_io(&engine.uri(), &["write -P 0x33 0 1M"]);
     assert!(ok, "{out}");
 
@@ -109,12 +99,7 @@ fn killed_replica_is_dropped_at_once() {
     let r2 = Replica::start(&tmp.path().join("r2"), "auto");
     create_volume("killed", "64MiB", &[&r1, &r2]);
     // A long timeout: a closed socket must be noticed without waiting on it.
-    let engine = Engine::start_with(
-        tmp.path(),
-        "killed",
-        &[&r1, &r2],
-        &["--io-timeout-ms", "60000"],
-    );
+    let engine = Engine::start_with(tmp.path(), "killed", &[&r1, &r2], &["--io-timeout", "60s"]);
     let (ok, out) = qemu_io(&engine.uri(), &["write -P 0x55 0 2M"]);
     assert!(ok, "{out}");
     r1.proc.kill9();

@@ -12,7 +12,7 @@ use shorthorn_engine::{Volume, VolumeBackend, VolumeOptions};
 use shorthorn_proto::VolumeName;
 use tracing::{error, info};
 
-use super::host;
+use super::{duration, host};
 
 #[derive(Subcommand)]
 pub enum EngineCommand {
@@ -57,10 +57,14 @@ pub struct ServeArgs {
     /// Where to serve NBD: `unix:/path/to.sock` or `HOST:PORT`.
     #[arg(long)]
     pub nbd: NbdListen,
-    /// A replica that does not answer within this is dropped from the
-    /// volume's healthy set (IO goes on with the others).
-    #[arg(long, default_value_t = 5_000)]
-    pub io_timeout_ms: u64,
+    /// A replica that does not answer a request within this is dropped from
+    /// the volume's healthy set, and IO goes on with the others: `5s`,
+    /// `1500ms`, `1m`; a bare number is seconds.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = duration::parse_duration)]
+    pub io_timeout: Duration,
+    /// `--io-timeout` in milliseconds, as earlier releases spelt it.
+    #[arg(long, value_name = "MS", conflicts_with = "io_timeout", value_parser = clap::value_parser!(u64).range(1..))]
+    pub io_timeout_ms: Option<u64>,
     /// Most NBD client connections at once.
     #[arg(long, default_value_t = 16)]
     pub max_connections: usize,
@@ -103,6 +107,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 impl ServeArgs {
+    /// The replica IO timeout, from whichever spelling was given.
+    pub fn io_timeout(&self) -> Duration {
+        self.io_timeout_ms
+            .map(Duration::from_millis)
+            .unwrap_or(self.io_timeout)
+    }
+
     /// The command line that gives back these arguments: how `engine start`
     /// hands them to a replica daemon, which parses them as `engine serve`
     /// would.
@@ -125,8 +136,8 @@ impl ServeArgs {
         argv.extend([
             "--nbd".to_string(),
             nbd,
-            "--io-timeout-ms".to_string(),
-            self.io_timeout_ms.to_string(),
+            "--io-timeout".to_string(),
+            duration::to_arg(self.io_timeout()),
             "--max-connections".to_string(),
             self.max_connections.to_string(),
             "--run-dir".to_string(),
@@ -154,7 +165,7 @@ pub async fn run_engine(
         args.replicas.len()
     );
     let options = VolumeOptions {
-        io_timeout: Duration::from_millis(args.io_timeout_ms),
+        io_timeout: args.io_timeout(),
         client_id: VolumeOptions::unique_client_id(args.name.as_str()),
         allow_missing_replicas: args.allow_missing_replicas,
     };

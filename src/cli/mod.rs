@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod dev;
+pub mod duration;
 pub mod engine;
 pub mod engine_ctl;
 pub mod host;
