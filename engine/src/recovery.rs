@@ -169,6 +169,14 @@ impl Volume {
             let Some(bitmap) = pick() else {
                 return;
             };
+            // Asked again after the pick: a write that failed on a replica
+            // marks it out before its regions stop counting as in flight
+            // (`fan_out`), so a region picked as idle whose write someone
+            // missed is caught here, on any thread.
+            if !self.all_healthy() {
+                self.tracker.retouch(&bitmap);
+                return;
+            }
             let bitmap = bytes::Bytes::from(bitmap);
             self.slots
                 .load()

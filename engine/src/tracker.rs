@@ -102,6 +102,17 @@ impl WriteTracker {
         any.then_some(out)
     }
 
+    /// Counts the regions in `bitmap` as touched again: a clean taken with
+    /// [`take_cleanable`](Self::take_cleanable) that did not go ahead.
+    pub fn retouch(&self, bitmap: &[u8]) {
+        for r in set_regions(bitmap) {
+            let r = r as usize;
+            if r < self.in_flight.len() {
+                self.touched[r / 64].fetch_or(1 << (r % 64), Ordering::AcqRel);
+            }
+        }
+    }
+
     /// Forgets what was touched (after a clean of everything).
     pub fn forget_touched(&self) {
         for w in self.touched.iter() {
@@ -150,6 +161,8 @@ mod tests {
         t.begin(9 << 20, 1 << 20);
         t.end(9 << 20, 1 << 20);
         assert_eq!(t.take_cleanable(0), Some(vec![0b1_0000]));
+        t.retouch(&[0b1_0001]);
+        assert_eq!(t.take_cleanable(0), Some(vec![0b1_0001]), "given back");
     }
 
     #[test]

@@ -317,9 +317,6 @@ impl Volume {
             (s, r)
         }))
         .await;
-        if let Some((o, l)) = range {
-            self.tracker.end(o, l);
-        }
         let mut healthy_acks = 0;
         for (slot, result) in &results {
             match result {
@@ -327,6 +324,11 @@ impl Volume {
                 Ok(()) => {}
                 Err(e) => self.fail(slot, e),
             }
+        }
+        // Only now, with whoever missed the write marked out, may its
+        // regions look idle to the cleaner (`clean` checks health after).
+        if let Some((o, l)) = range {
+            self.tracker.end(o, l);
         }
         // A write some replica refused as stale must not be acknowledged,
         // even if another took it: a newer engine owns the volume now.

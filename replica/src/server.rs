@@ -334,15 +334,23 @@ impl Conn {
         let (ticket, answered) = match (&request, state) {
             (Request::MarkClean { bitmap }, Some(state)) => {
                 let reply = match io_replica(&self.session, false) {
-                    Ok(_) => {
+                    Ok(replica) => {
                         state.dirty().clear(bitmap);
-                        // Written (not synced) at once: a daemon killed
-                        // later keeps them; only a power cut loses them,
-                        // which costs one extra compare, never data.
-                        let state = state.clone();
+                        // Written (not synced) once the regions' data is
+                        // flushed: a daemon killed later keeps them; only a
+                        // power cut loses them, which costs one extra
+                        // compare, never data.
+                        let (state, replica) = (state.clone(), replica.clone());
                         tokio::spawn(async move {
+                            let awaiting = state.dirty().clears_awaiting_flush();
+                            match replica.flush().await {
+                                Ok(()) => state.dirty().data_flushed(&awaiting),
+                                Err(e) => {
+                                    warn!(volume = %replica.name(), error = %e, "flushing before writing dirty-map clears failed; the regions stay dirty on disk")
+                                }
+                            }
                             if let Err(e) = state.dirty().sync_clears().await {
-                                warn!(error = %e, "writing dirty-map clears failed");
+                                warn!(volume = %replica.name(), error = %e, "writing dirty-map clears failed");
                             }
                         });
                         Reply::Done
@@ -614,9 +622,15 @@ async fn execute(
                     RemoteError::new(ErrorCode::Io, format!("saving the dirty map: {e}"))
                 })?;
             }
-            let flush = matches!(io, Request::Flush);
+            // A flush makes the data of regions cleared before it durable,
+            // so their clears may reach the dirty map's file.
+            let awaiting = match (&io, session.state()) {
+                (Request::Flush, Some(state)) => Some(state.dirty().clears_awaiting_flush()),
+                _ => None,
+            };
             let reply = execute_io(io, replica).await?;
-            if let (true, Some(state)) = (flush, session.state()) {
+            if let (Some(awaiting), Some(state)) = (awaiting, session.state()) {
+                state.dirty().data_flushed(&awaiting);
                 let _ = state.dirty().sync_clears().await;
             }
             Ok(reply)
@@ -671,7 +685,7 @@ async fn hashes(
 /// The session's replica, if it may do this IO right now. A look-only
 /// session (generation 0) may read — checkers compare replicas that way
 /// without fencing the engine — but never change a byte.
-fn io_replica(session: &Session, read_only: bool) -> Result<&Replica, RemoteError> {
+fn io_replica(session: &Session, read_only: bool) -> Result<&Arc<Replica>, RemoteError> {
     let Session::Volume {
         replica,
         generation,

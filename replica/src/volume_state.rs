@@ -199,6 +199,12 @@ pub struct DirtyMap {
     persisted: AtomicU64,
     /// Clears not yet written to the file (written with the next persist).
     clears_pending: AtomicBool,
+    /// Regions cleared in memory whose data has not reached stable storage
+    /// since: the file keeps them dirty until it has. A clean region's
+    /// writes were acknowledged, not necessarily flushed; were its clear
+    /// durable first, a power cut could drop a write from the disk's cache
+    /// and the mark that sends its region to be compared, both at once.
+    unflushed: Box<[AtomicU64]>,
     /// Serialises writes of the file, so an older picture never lands
     /// after a newer one.
     writer: tokio::sync::Mutex<()>,
@@ -236,10 +242,11 @@ impl DirtyMap {
             marked: AtomicU64::new(0),
             persisted: AtomicU64::new(0),
             clears_pending: AtomicBool::new(false),
+            unflushed: (0..nwords).map(|_| AtomicU64::new(0)).collect(),
             writer: tokio::sync::Mutex::new(()),
         };
         map.trim_tail();
-        write_words(&map.file, &map.snapshot_words())?;
+        write_words(&map.file, &map.image())?;
         map.file.sync_data()?;
         Ok(map)
     }
@@ -296,7 +303,7 @@ impl DirtyMap {
         }
         let target = self.marked.load(Ordering::Acquire);
         self.clears_pending.store(false, Ordering::Release);
-        let words = self.snapshot_words();
+        let words = self.image();
         let file = self.file.clone();
         tokio::task::spawn_blocking(move || {
             write_words(&file, &words)?;
@@ -310,7 +317,8 @@ impl DirtyMap {
 
     /// Clears the regions set in `bitmap` (one bit per region, LSB first).
     /// In memory at once; the file catches up with the next persist or
-    /// [`sync_clears`](Self::sync_clears) — a clear lost in a crash only
+    /// [`sync_clears`](Self::sync_clears) once the data is flushed (see
+    /// [`data_flushed`](Self::data_flushed)) — a clear lost in a crash only
     /// costs one extra compare.
     pub fn clear(&self, bitmap: &[u8]) {
         for (i, byte) in bitmap.iter().enumerate() {
@@ -323,17 +331,41 @@ impl DirtyMap {
             }
             let mask = (*byte as u64) << ((i % 8) * 8);
             self.words[word].fetch_and(!mask, Ordering::AcqRel);
+            self.unflushed[word].fetch_or(mask, Ordering::AcqRel);
         }
         self.clears_pending.store(true, Ordering::Release);
     }
 
-    /// Writes pending clears to the file (not synced: see [`clear`](Self::clear)).
+    /// The clears made so far whose data is not known to be durable: take
+    /// it before starting a flush of the replica's data, and hand it to
+    /// [`data_flushed`](Self::data_flushed) when that flush succeeded.
+    pub fn clears_awaiting_flush(&self) -> Vec<u64> {
+        self.unflushed
+            .iter()
+            .map(|w| w.load(Ordering::Acquire))
+            .collect()
+    }
+
+    /// The data of the regions in `awaiting` (from
+    /// [`clears_awaiting_flush`](Self::clears_awaiting_flush), taken before
+    /// the flush began) is durable: their clears may reach the file.
+    pub fn data_flushed(&self, awaiting: &[u64]) {
+        for (w, bits) in self.unflushed.iter().zip(awaiting) {
+            if *bits != 0 {
+                w.fetch_and(!bits, Ordering::AcqRel);
+                self.clears_pending.store(true, Ordering::Release);
+            }
+        }
+    }
+
+    /// Writes pending clears whose data is flushed to the file (not synced:
+    /// see [`clear`](Self::clear)).
     pub async fn sync_clears(&self) -> std::io::Result<()> {
         if !self.clears_pending.swap(false, Ordering::AcqRel) {
             return Ok(());
         }
         let _w = self.writer.lock().await;
-        let words = self.snapshot_words();
+        let words = self.image();
         let file = self.file.clone();
         tokio::task::spawn_blocking(move || write_words(&file, &words))
             .await
@@ -344,6 +376,16 @@ impl DirtyMap {
         self.words
             .iter()
             .map(|w| w.load(Ordering::Acquire))
+            .collect()
+    }
+
+    /// What the file must hold: the dirty regions, and the cleared ones
+    /// whose data is not durable yet.
+    fn image(&self) -> Vec<u64> {
+        self.words
+            .iter()
+            .zip(self.unflushed.iter())
+            .map(|(w, u)| w.load(Ordering::Acquire) | u.load(Ordering::Acquire))
             .collect()
     }
 
@@ -407,7 +449,7 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn clears_are_kept_in_memory_and_written_later() {
+    async fn clears_reach_the_file_only_after_their_data_is_flushed() {
         let dir = tempfile::tempdir().unwrap();
         let st = VolumeState::open(dir.path(), 16 * REGION_SIZE).unwrap();
         for r in 0..16 {
@@ -415,13 +457,32 @@ mod tests {
                 st.dirty().persist(t).await.unwrap();
             }
         }
+        let before_flush = st.dirty().clears_awaiting_flush();
         st.dirty().clear(&[0b0000_0101, 0b1000_0000]);
         assert_eq!(st.dirty().dirty_count(), 13);
+        // Clears whose data is not flushed never reach the file.
+        st.dirty().sync_clears().await.unwrap();
+        let reopened = VolumeState::open(dir.path(), 16 * REGION_SIZE).unwrap();
+        assert_eq!(reopened.dirty().dirty_count(), 16, "still dirty on disk");
+        drop(reopened);
+        // A flush that began before the clears does not cover them.
+        st.dirty().data_flushed(&before_flush);
+        st.dirty().sync_clears().await.unwrap();
+        let reopened = VolumeState::open(dir.path(), 16 * REGION_SIZE).unwrap();
+        assert_eq!(reopened.dirty().dirty_count(), 16);
+        drop(reopened);
+        // One that began after them does; a region written again after its
+        // clear stays dirty.
+        let awaiting = st.dirty().clears_awaiting_flush();
+        if let Some(t) = st.dirty().mark(2 * REGION_SIZE, 1) {
+            st.dirty().persist(t).await.unwrap();
+        }
+        st.dirty().data_flushed(&awaiting);
         st.dirty().sync_clears().await.unwrap();
         drop(st);
         let st = VolumeState::open(dir.path(), 16 * REGION_SIZE).unwrap();
-        assert_eq!(st.dirty().dirty_count(), 13);
-        assert_eq!(st.dirty().to_bytes()[..], [0b1111_1010, 0b0111_1111]);
+        assert_eq!(st.dirty().dirty_count(), 14);
+        assert_eq!(st.dirty().to_bytes()[..], [0b1111_1110, 0b0111_1111]);
     }
 
     #[tokio::test]
