@@ -292,6 +292,58 @@ fn volume_create_is_idempotent_and_refuses_bad_input_clearly() {
         ],
         &["1 or 2 replicas"],
     );
+    // One daemon named twice, as written or by another name for it: a
+    // "2-replica" volume with one copy is refused.
+    let port = addr.rsplit(':').next().unwrap();
+    let by_name = format!("localhost:{port}");
+    for twice in [addr, by_name.as_str()] {
+        refused(
+            &[
+                "volume",
+                "create",
+                "twice",
+                "--size",
+                "64MiB",
+                "--replica",
+                addr,
+                "--replica",
+                twice,
+            ],
+            &["same replica daemon"],
+        );
+    }
+    assert_eq!(
+        tree(tmp.path()),
+        before,
+        "a refused create left files behind"
+    );
+    // A size clash on the second daemon leaves nothing on the first.
+    let r2 = Replica::start(&tmp.path().join("r2"), "auto");
+    let out = shorthorn(&[
+        "volume",
+        "create",
+        "clash",
+        "--size",
+        "64MiB",
+        "--replica",
+        &r2.addr,
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let before = tree(tmp.path());
+    refused(
+        &[
+            "volume",
+            "create",
+            "clash",
+            "--size",
+            "128MiB",
+            "--replica",
+            addr,
+            "--replica",
+            &r2.addr,
+        ],
+        &["clash", "already exists", "nothing was created"],
+    );
     assert_eq!(
         tree(tmp.path()),
         before,
@@ -406,6 +458,10 @@ fn engine_serve_fails_clearly_when_it_cannot_serve() {
                 &r.addr,
             ],
             vec!["1 or 2 replicas"],
+        ),
+        (
+            vec!["real", "--replica", &r.addr, "--replica", &r.addr],
+            vec!["same replica daemon"],
         ),
     ];
     for (extra, wants) in cases {
@@ -538,6 +594,148 @@ fn qemu_io(uri: &str, commands: &[String]) -> String {
     said
 }
 
+/// A running `shorthorn dev`, up and serving.
+struct Dev {
+    proc: Proc,
+    /// The NBD URI it printed.
+    uri: String,
+    /// Its child processes (replica daemons and engine).
+    children: Vec<i32>,
+}
+
+/// Starts `shorthorn dev --data-dir MARKER --size 64MiB EXTRA...` and waits
+/// until it says it is up; its output goes to `tmp`/`log`.
+fn start_dev(tmp: &Path, marker: &str, log: &str, extra: &[&str]) -> Dev {
+    let mut proc = Proc::spawn(
+        "shorthorn dev",
+        Command::new(BIN)
+            .args(["dev", "--data-dir", marker, "--size", "64MiB"])
+            .args(extra),
+        tmp.join(log),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let uri = loop {
+        let log = proc.log_text();
+        if log.contains("shorthorn dev is up") {
+            if let Some(line) = log.lines().find(|l| l.trim_start().starts_with("NBD URI:")) {
+                break line.trim_start()["NBD URI:".len()..].trim().to_string();
+            }
+        }
+        assert!(proc.is_running(), "dev exited before it was up:\n{log}");
+        assert!(Instant::now() < deadline, "dev not up in 30 s:\n{log}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(uri.starts_with("nbd+unix://"), "{uri}");
+    assert!(
+        uri.contains(marker),
+        "the socket is not in the data dir: {uri}"
+    );
+    let children: Vec<i32> = pids_mentioning(marker)
+        .into_iter()
+        .filter(|pid| *pid != proc.pid())
+        .collect();
+    for pid in &children {
+        assert_eq!(
+            parent_of(*pid),
+            Some(proc.pid()),
+            "pid {pid} is not dev's child"
+        );
+    }
+    Dev {
+        proc,
+        uri,
+        children,
+    }
+}
+
+/// The command in `log` that starts, after its indentation, with
+/// `command`, its continuation lines (after a `\`) joined on.
+fn example_line(log: &str, command: &str) -> String {
+    let mut lines = log.lines().map(str::trim_start);
+    let mut line = lines
+        .find(|l| l.starts_with(command))
+        .unwrap_or_else(|| panic!("dev printed no `{command}` example:\n{log}"))
+        .to_string();
+    while let Some(head) = line.strip_suffix('\\') {
+        line = format!("{head}{}", lines.next().unwrap_or_default());
+    }
+    line
+}
+
+/// dev printed its three copy-paste examples, each aimed at this volume:
+/// fio through its nbd engine; qemu-img and nbdcopy; and a filesystem by
+/// nbdfuse, losetup, mkfs.ext4 and mount.
+fn assert_examples(log: &str, uri: &str, socket: &Path) {
+    let quoted = format!("'{uri}'");
+    let fio = example_line(log, "fio ");
+    // Its size depends on the volume's: only that it has one is checked.
+    for want in [
+        "--ioengine=nbd",
+        &format!("--uri={quoted}"),
+        "--size=",
+        "--verify=",
+    ] {
+        assert!(fio.contains(want), "the fio example lacks {want}: {fio}");
+    }
+    for command in ["qemu-img convert", "nbdcopy "] {
+        let line = example_line(log, command);
+        assert!(
+            line.contains(&quoted),
+            "{command} is not aimed at {uri}: {line}"
+        );
+    }
+    let fuse = example_line(log, "nbdfuse ");
+    let socket = socket.display().to_string();
+    assert!(
+        fuse.contains(&format!("--unix {socket}")),
+        "nbdfuse is not aimed at {socket}: {fuse}"
+    );
+    // The loop device goes over the file nbdfuse makes.
+    let fuse_file = fuse.split_whitespace().nth(1).unwrap_or_default();
+    let losetup = example_line(log, "LOOP=$(losetup");
+    assert!(
+        losetup.ends_with(&format!(" {fuse_file})")),
+        "losetup is not over nbdfuse's {fuse_file}: {losetup}"
+    );
+    let mkfs = example_line(log, "mkfs.ext4 ");
+    assert!(mkfs.contains("mount $LOOP"), "no mount after mkfs: {mkfs}");
+}
+
+/// Ctrl-C: dev exits 0 within 20 s, and every process it started is gone.
+fn ctrl_c_stops_everything(dev: &mut Dev, marker: &str) {
+    dev.proc.signal(Signal::SIGINT);
+    let status = dev
+        .proc
+        .wait_exit(Duration::from_secs(20))
+        .unwrap_or_else(|| {
+            panic!(
+                "dev still running 20 s after Ctrl-C:\n{}",
+                dev.proc.log_text()
+            )
+        });
+    assert!(
+        status.success(),
+        "dev exited with {status}:\n{}",
+        dev.proc.log_text()
+    );
+    for pid in &dev.children {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists() || !pids_mentioning(marker).contains(pid),
+            "dev's child {pid} outlived it"
+        );
+    }
+    assert_eq!(
+        pids_mentioning(marker),
+        Vec::<i32>::new(),
+        "processes left behind"
+    );
+    assert!(
+        dev.proc.log_text().contains("data kept in"),
+        "{}",
+        dev.proc.log_text()
+    );
+}
+
 #[test]
 fn dev_serves_a_volume_and_ctrl_c_stops_everything() {
     let tmp = tempfile::tempdir().unwrap();
@@ -547,49 +745,19 @@ fn dev_serves_a_volume_and_ctrl_c_stops_everything() {
     let size = 64u64 << 20;
 
     for round in 0..2 {
-        let mut dev = Proc::spawn(
-            "shorthorn dev",
-            Command::new(BIN).args(["dev", "--data-dir", &marker, "--size", "64MiB"]),
-            tmp.path().join(format!("dev-{round}.log")),
-        );
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let uri = loop {
-            let log = dev.log_text();
-            if log.contains("shorthorn dev is up") {
-                if let Some(line) = log.lines().find(|l| l.trim_start().starts_with("NBD URI:")) {
-                    break line.trim_start()["NBD URI:".len()..].trim().to_string();
-                }
-            }
-            assert!(dev.is_running(), "dev exited before it was up:\n{log}");
-            assert!(Instant::now() < deadline, "dev not up in 30 s:\n{log}");
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        assert!(uri.starts_with("nbd+unix://"), "{uri}");
-        assert!(
-            uri.contains(&marker),
-            "the socket is not in the data dir: {uri}"
-        );
+        let mut dev = start_dev(tmp.path(), &marker, &format!("dev-{round}.log"), &[]);
+        let uri = dev.uri.clone();
+        let log = dev.proc.log_text();
+        assert_examples(&log, &uri, &data.canonicalize().unwrap().join("dev.sock"));
+        assert!(log.contains("2 replica(s) on"), "{log}");
         if round == 1 {
             assert!(
-                dev.log_text().contains("already exists"),
-                "the second run did not find the volume:\n{}",
-                dev.log_text()
+                log.contains("already exists"),
+                "the second run did not find the volume:\n{log}"
             );
         }
-
         // Two replica daemons and an engine, all children of dev.
-        let children: Vec<i32> = pids_mentioning(&marker)
-            .into_iter()
-            .filter(|pid| *pid != dev.pid())
-            .collect();
-        assert_eq!(children.len(), 3, "dev's processes: {children:?}");
-        for pid in &children {
-            assert_eq!(
-                parent_of(*pid),
-                Some(dev.pid()),
-                "pid {pid} is not dev's child"
-            );
-        }
+        assert_eq!(dev.children.len(), 3, "dev's processes: {:?}", dev.children);
 
         let out = run(Command::new("nbdinfo").arg("--json").arg(&uri));
         let json = text(&out.stdout);
@@ -626,31 +794,74 @@ fn dev_serves_a_volume_and_ctrl_c_stops_everything() {
         // Untouched space reads as zeroes.
         qemu_io(&uri, &[format!("read -P 0 {} {}", 8 << 20, 1 << 20)]);
 
-        dev.signal(Signal::SIGINT);
-        let status = dev
-            .wait_exit(Duration::from_secs(20))
-            .unwrap_or_else(|| panic!("dev still running 20 s after Ctrl-C:\n{}", dev.log_text()));
-        assert!(
-            status.success(),
-            "dev exited with {status}:\n{}",
-            dev.log_text()
-        );
-        for pid in &children {
-            assert!(
-                !Path::new(&format!("/proc/{pid}")).exists()
-                    || !pids_mentioning(&marker).contains(pid),
-                "dev's child {pid} outlived it"
-            );
-        }
-        assert_eq!(
-            pids_mentioning(&marker),
-            Vec::<i32>::new(),
-            "processes left behind"
-        );
-        assert!(
-            dev.log_text().contains("data kept in"),
-            "{}",
-            dev.log_text()
-        );
+        ctrl_c_stops_everything(&mut dev, &marker);
     }
+}
+
+/// `--replicas 1`: the volume lives on one replica (two daemons still
+/// run), serves IO, and Ctrl-C stops every process.
+#[test]
+fn dev_with_one_replica_serves_and_ctrl_c_stops_everything() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let marker = data.display().to_string();
+    let _sweep = Sweep(marker.clone());
+
+    let mut dev = start_dev(tmp.path(), &marker, "dev.log", &["--replicas", "1"]);
+    let uri = dev.uri.clone();
+    let log = dev.proc.log_text();
+    let data = data.canonicalize().unwrap();
+    assert_examples(&log, &uri, &data.join("dev.sock"));
+    let up = example_line(&log, "shorthorn dev is up");
+    assert!(
+        up.contains("1 replica(s) on 127.0.0.1:") && !up.contains(" and "),
+        "not one replica: {up}"
+    );
+    assert_eq!(
+        dev.children.len(),
+        3,
+        "two replica daemons and an engine: {:?}",
+        dev.children
+    );
+    // The engine was given exactly one replica.
+    let engines: Vec<String> = dev
+        .children
+        .iter()
+        .filter_map(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).ok())
+        .map(|c| text(&c).replace('\0', " "))
+        .filter(|c| c.contains(" engine serve "))
+        .collect();
+    assert_eq!(engines.len(), 1, "dev's engines: {engines:?}");
+    assert_eq!(
+        engines[0].matches("--replica ").count(),
+        1,
+        "{}",
+        engines[0]
+    );
+
+    let (off, len) = (3u64 << 20, 512u64 << 10);
+    qemu_io(
+        &uri,
+        &[
+            format!("write -P 0x3e {off} {len}"),
+            "flush".into(),
+            format!("read -P 0x3e {off} {len}"),
+            format!("read -P 0 0 {off}"),
+        ],
+    );
+    // Read back on a connection of its own, too.
+    qemu_io(&uri, &[format!("read -P 0x3e {off} {len}")]);
+
+    ctrl_c_stops_everything(&mut dev, &marker);
+    // The data is on the first daemon's volume, and the second has none.
+    assert!(
+        data.join("replica-1/volumes/dev").exists(),
+        "{:?}",
+        tree(&data)
+    );
+    assert!(
+        !data.join("replica-2/volumes/dev").exists(),
+        "{:?}",
+        tree(&data)
+    );
 }

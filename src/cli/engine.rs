@@ -164,6 +164,7 @@ pub async fn run_engine(
         "a volume has 1 or 2 replicas; {} given",
         args.replicas.len()
     );
+    super::distinct_replicas(&args.replicas).await?;
     let options = VolumeOptions {
         io_timeout: args.io_timeout(),
         client_id: VolumeOptions::unique_client_id(args.name.as_str()),

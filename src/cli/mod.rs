@@ -47,6 +47,31 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// Refuses a replica list that names one daemon twice, as written or once
+/// resolved: a "2-replica" volume with both copies on one daemon is one
+/// copy, and an engine holding two sessions to one replica fences itself.
+pub async fn distinct_replicas(replicas: &[String]) -> anyhow::Result<()> {
+    let mut seen: Vec<(&str, Vec<std::net::SocketAddr>)> = Vec::new();
+    for addr in replicas {
+        // An address that does not resolve fails later, when it is dialled,
+        // with that error; here it can only match by its text.
+        let resolved: Vec<_> = match tokio::net::lookup_host(addr.as_str()).await {
+            Ok(found) => found.collect(),
+            Err(_) => Vec::new(),
+        };
+        for (other, other_resolved) in &seen {
+            if *other == addr || resolved.iter().any(|a| other_resolved.contains(a)) {
+                bail!(
+                    "--replica {addr} and --replica {other} are the same replica daemon; \
+                     each replica of a volume must be on its own daemon (its own node)"
+                );
+            }
+        }
+        seen.push((addr, resolved));
+    }
+    Ok(())
+}
+
 /// One management call on a replica daemon, over a fresh admin session.
 pub async fn admin_call(addr: &str, request: Request, timeout: Duration) -> anyhow::Result<Reply> {
     let client = ReplicaClient::connect(addr, "shorthorn cli", "", Generation(0), timeout)

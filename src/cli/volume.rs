@@ -4,7 +4,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
-use shorthorn_proto::{Reply, Request, VolumeName};
+use shorthorn_engine::ReplicaClient;
+use shorthorn_proto::{ErrorCode, Generation, Reply, Request, VolumeName};
 
 use super::admin_call;
 use super::size::{human, parse_size};
@@ -105,6 +106,14 @@ pub async fn create(
     if size == 0 || !size.is_multiple_of(4096) {
         bail!("size must be a positive multiple of 4 KiB, got {size} bytes");
     }
+    super::distinct_replicas(replicas).await?;
+    // Every daemon is asked first, so a size clash or an unreachable daemon
+    // leaves nothing half-created.
+    for addr in replicas {
+        check_can_create(name, size, addr, timeout)
+            .await
+            .with_context(|| format!("creating {name} on {addr}"))?;
+    }
     for addr in replicas {
         let request = Request::CreateVolume {
             name: name.to_string(),
@@ -124,6 +133,37 @@ pub async fn create(
         }
     }
     Ok(())
+}
+
+/// Fails when `addr` is unreachable or holds `name` with another size.
+async fn check_can_create(
+    name: &VolumeName,
+    size: u64,
+    addr: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let client = ReplicaClient::connect(addr, "shorthorn cli", "", Generation(0), timeout)
+        .await
+        .with_context(|| format!("replica daemon {addr}"))?;
+    let reply = client
+        .call(Request::GetVolume {
+            name: name.to_string(),
+        })
+        .await;
+    client.close("done");
+    match reply {
+        Ok(Reply::Volume(info)) if info.size != size => bail!(
+            "{name} already exists there with size {} ({} bytes), not {} ({size} bytes); \
+             nothing was created",
+            human(info.size),
+            info.size,
+            human(size)
+        ),
+        Ok(Reply::Volume(_)) => Ok(()),
+        Ok(other) => bail!("unexpected answer {other:?}"),
+        Err(e) if e.remote().is_some_and(|r| r.code == ErrorCode::NotFound) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 async fn list(replicas: &[String], timeout: Duration) -> anyhow::Result<()> {
