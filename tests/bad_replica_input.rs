@@ -3,7 +3,7 @@
 //! absurd generation, a second writer beside a live engine, two engines
 //! started at once, and garbage sent while an engine does IO. After each,
 //! the daemon still runs and serves a fresh connection, other connections
-//! keep working, and the volume holds exactly the bytes written before.
+//! keep working, and every volume holds exactly the bytes written before.
 
 mod common;
 
@@ -272,17 +272,27 @@ fn fill_volume(tmp: &Path, name: &str, replicas: &[&Replica], src: &Path) {
 /// The volumes of [`replica_with_kept_and_other`], with their sizes.
 const KEPT_AND_OTHER: [(&str, u64); 2] = [("kept", 16 << 20), ("other", 8 << 20)];
 
-/// A replica daemon serving `tmp`/r1 with two volumes: "kept", filled with
-/// random bytes from `seed`, and "other", never written. Returns the daemon
-/// and the file of kept's bytes.
-fn replica_with_kept_and_other(tmp: &Path, seed: u64) -> (Replica, PathBuf) {
+/// A replica daemon serving `tmp`/r1 with two volumes, each filled with
+/// random bytes of its own: "kept" (from `seed`), which the bad input aims
+/// at, and "other" (from `seed + 1000`), which it must not reach either.
+/// Returns the daemon and the files of kept's and other's bytes.
+fn replica_with_kept_and_other(tmp: &Path, seed: u64) -> (Replica, PathBuf, PathBuf) {
     let r = Replica::start(&tmp.join("r1"), "auto");
     create_volume("kept", "16MiB", &[&r]);
     create_volume("other", "8MiB", &[&r]);
     let src = tmp.join("src.img");
     random_file(&src, 16 * MIB, seed);
     fill_volume(tmp, "kept", &[&r], &src);
-    (r, src)
+    let other_src = tmp.join("other-src.img");
+    random_file(&other_src, 8 * MIB, seed + 1000);
+    fill_volume(tmp, "other", &[&r], &other_src);
+    (r, src, other_src)
+}
+
+/// Neither volume of [`replica_with_kept_and_other`] changed a byte.
+fn assert_kept_and_other_hold(tmp: &Path, r: &Replica, kept: &Path, other: &Path) {
+    assert_volume_holds(tmp, "kept", &[r], kept);
+    assert_volume_holds(tmp, "other", &[r], other);
 }
 
 // ----- the daemon's protocol port -----------------------------------------
@@ -292,7 +302,7 @@ fn replica_with_kept_and_other(tmp: &Path, seed: u64) -> (Replica, PathBuf) {
 #[test]
 fn replica_daemon_refuses_malformed_frames() {
     let tmp = tempfile::tempdir().unwrap();
-    let (mut r, src) = replica_with_kept_and_other(tmp.path(), 81);
+    let (mut r, src, other_src) = replica_with_kept_and_other(tmp.path(), 81);
     let vols = KEPT_AND_OTHER;
     let addr = r.addr.clone();
     let ping = Request::Ping.encode(5).to_vec();
@@ -454,7 +464,7 @@ fn replica_daemon_refuses_malformed_frames() {
     assert_replica_serves(&mut r, &vols, "an idle connection");
     drop(idle);
 
-    assert_volume_holds(tmp.path(), "kept", &[&r], &src);
+    assert_kept_and_other_hold(tmp.path(), &r, &src, &other_src);
     assert_replica_serves(&mut r, &vols, "everything");
 }
 
@@ -464,7 +474,7 @@ fn replica_daemon_refuses_malformed_frames() {
 #[test]
 fn replica_daemon_refuses_bad_requests_without_changing_a_byte() {
     let tmp = tempfile::tempdir().unwrap();
-    let (mut r, src) = replica_with_kept_and_other(tmp.path(), 82);
+    let (mut r, src, other_src) = replica_with_kept_and_other(tmp.path(), 82);
     let vols = KEPT_AND_OTHER;
     let addr = r.addr.clone();
     let size = 16u64 << 20;
@@ -789,7 +799,7 @@ fn replica_daemon_refuses_bad_requests_without_changing_a_byte() {
     assert!(!outside.exists(), "{} was created", outside.display());
     assert_replica_serves(&mut r, &vols, "bad names");
 
-    assert_volume_holds(tmp.path(), "kept", &[&r], &src);
+    assert_kept_and_other_hold(tmp.path(), &r, &src, &other_src);
     assert_replica_serves(&mut r, &vols, "everything");
 }
 

@@ -438,3 +438,159 @@ async fn write_requests(
         batch.clear();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The client against a fake replica on a loopback socket that holds
+    //! every request until all of them are in, then answers them last
+    //! first: only a client that pipelines and matches replies by id passes.
+
+    use super::*;
+    use bytes::Bytes;
+    use tokio::net::TcpListener;
+
+    const CALLS: u64 = 32;
+    /// A whole test, fake replica included, must finish within this.
+    const LIMIT: Duration = Duration::from_secs(20);
+
+    /// The `i`th request of a test: mostly reads, each of its own offset,
+    /// with a ping now and then.
+    fn request(i: u64) -> Request {
+        if i % 4 == 3 {
+            Request::Ping
+        } else {
+            Request::Read {
+                offset: i * 4096,
+                len: 512,
+            }
+        }
+    }
+
+    /// What the fake replica answers a read at `offset`: bytes naming it.
+    fn data_at(offset: u64) -> Bytes {
+        Bytes::from(offset.to_le_bytes().repeat(64))
+    }
+
+    /// The reply `request(i)` must get.
+    fn reply_to(i: u64) -> Reply {
+        match request(i) {
+            Request::Read { offset, .. } => Reply::Data(data_at(offset)),
+            _ => Reply::Pong,
+        }
+    }
+
+    /// A fake replica: welcomes one client, reads `n` requests without
+    /// answering any, answers them in reverse order of arrival, then waits
+    /// for the client to hang up. Returns the requests as they arrived.
+    async fn reversing_replica(listener: TcpListener, n: u64) -> Vec<(u64, Request)> {
+        let (stream, _) = listener.accept().await.unwrap();
+        let (rd, wr) = stream.into_split();
+        let mut reader = FrameReader::new(rd);
+        let mut writer = FrameWriter::new(wr);
+        let hello = reader.read_frame().await.unwrap().expect("no hello");
+        assert!(matches!(Request::decode(&hello), Ok(Request::Hello(_))));
+        let welcome = Reply::Welcome(Welcome {
+            version: PROTOCOL_VERSION,
+            server: "fake replica".into(),
+            volume: None,
+        });
+        writer.write_frame(&welcome.encode(hello.id)).await.unwrap();
+
+        let mut arrived = Vec::new();
+        while (arrived.len() as u64) < n {
+            let frame = reader
+                .read_frame()
+                .await
+                .unwrap()
+                .expect("the client hung up with requests unsent");
+            arrived.push((frame.id, Request::decode(&frame).unwrap()));
+        }
+        for (id, request) in arrived.iter().rev() {
+            let reply = match request {
+                Request::Read { offset, .. } => Reply::Data(data_at(*offset)),
+                Request::Ping => Reply::Pong,
+                other => panic!("the fake replica does not expect {other:?}"),
+            };
+            writer.write_frame(&reply.encode(*id)).await.unwrap();
+        }
+        // Nothing more may come: no retry, no duplicate.
+        match reader.read_frame().await {
+            Ok(None) => {}
+            other => panic!("after its last reply the client sent {other:?}"),
+        }
+        arrived
+    }
+
+    async fn fake_and_client() -> (JoinHandle<Vec<(u64, Request)>>, ReplicaClient) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let fake = tokio::spawn(reversing_replica(listener, CALLS));
+        let client = ReplicaClient::connect(&addr, "test", "v", Generation(1), LIMIT)
+            .await
+            .unwrap();
+        (fake, client)
+    }
+
+    /// Every request id on the wire is distinct.
+    fn assert_ids_distinct(arrived: &[(u64, Request)]) {
+        let mut ids: Vec<u64> = arrived.iter().map(|(id, _)| *id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), arrived.len(), "request ids reused: {arrived:?}");
+    }
+
+    /// Requests started one after another from one task go out in that
+    /// order, all before any reply, and each pending call resolves to its
+    /// own reply although they come back in reverse.
+    #[tokio::test]
+    async fn started_calls_go_out_in_order_and_take_their_own_replies() {
+        tokio::time::timeout(LIMIT, async {
+            let (fake, client) = fake_and_client().await;
+            let pending: Vec<PendingCall> = (0..CALLS).map(|i| client.start(request(i))).collect();
+            for (i, call) in (0..CALLS).zip(pending) {
+                assert_eq!(call.wait().await.unwrap(), reply_to(i), "call {i}");
+            }
+            drop(client);
+            let arrived = fake.await.unwrap();
+            let sent: Vec<Request> = arrived.iter().map(|(_, r)| r.clone()).collect();
+            let started: Vec<Request> = (0..CALLS).map(request).collect();
+            assert_eq!(sent, started, "requests went out in another order");
+            assert_ids_distinct(&arrived);
+        })
+        .await
+        .expect("the pipelined calls hung");
+    }
+
+    /// Callers in tasks of their own, all waiting at once: each gets the
+    /// reply to its own request.
+    #[tokio::test]
+    async fn concurrent_callers_each_get_their_own_reply() {
+        tokio::time::timeout(LIMIT, async {
+            let (fake, client) = fake_and_client().await;
+            let client = Arc::new(client);
+            let callers: Vec<_> = (0..CALLS)
+                .map(|i| {
+                    let client = client.clone();
+                    tokio::spawn(async move { (i, client.call(request(i)).await) })
+                })
+                .collect();
+            for caller in callers {
+                let (i, got) = caller.await.unwrap();
+                assert_eq!(got.unwrap(), reply_to(i), "caller {i}");
+            }
+            drop(client);
+            let arrived = fake.await.unwrap();
+            assert_ids_distinct(&arrived);
+            let mut sent: Vec<String> = arrived.iter().map(|(_, r)| format!("{r:?}")).collect();
+            let mut asked: Vec<String> = (0..CALLS).map(|i| format!("{:?}", request(i))).collect();
+            sent.sort();
+            asked.sort();
+            assert_eq!(
+                sent, asked,
+                "the requests on the wire are not the ones asked"
+            );
+        })
+        .await
+        .expect("the concurrent calls hung");
+    }
+}

@@ -716,6 +716,60 @@ mod tests {
         assert_eq!(bytes, expected);
     }
 
+    /// The handshake's answer is pinned like the Hello. The checksums were
+    /// computed apart from this crate (Python's `zlib.crc32` over header
+    /// bytes 0..20 and the body), so a change in how the crate checksums
+    /// is caught too.
+    #[test]
+    fn welcome_bytes_are_pinned() {
+        let volume_session = Reply::Welcome(Welcome {
+            version: 1,
+            server: "r1".into(),
+            volume: Some(VolumeInfo {
+                name: "v".into(),
+                size: 1 << 20,
+                generation: Generation(5),
+            }),
+        });
+        #[rustfmt::skip]
+        let expected: Vec<u8> = vec![
+            b'S', b'H', b'R', b'P', // magic
+            1,    // version
+            0x81, // kind: welcome
+            0, 0, // flags
+            1, 0, 0, 0, 0, 0, 0, 0, // id
+            25, 0, 0, 0, // body length
+            0x98, 0x2c, 0x29, 0x7a, // crc 0x7a292c98
+            1, // protocol version
+            2, 0, b'r', b'1', // server
+            1, // a volume follows
+            1, 0, b'v', // volume name
+            0, 0, 0x10, 0, 0, 0, 0, 0, // size: 1 MiB
+            5, 0, 0, 0, 0, 0, 0, 0, // generation
+        ];
+        assert_eq!(volume_session.encode(1).to_vec(), expected);
+
+        let admin_session = Reply::Welcome(Welcome {
+            version: 1,
+            server: "r1".into(),
+            volume: None,
+        });
+        #[rustfmt::skip]
+        let expected: Vec<u8> = vec![
+            b'S', b'H', b'R', b'P', // magic
+            1,    // version
+            0x81, // kind: welcome
+            0, 0, // flags
+            1, 0, 0, 0, 0, 0, 0, 0, // id
+            6, 0, 0, 0, // body length
+            0x36, 0x36, 0x98, 0x58, // crc 0x58983636
+            1, // protocol version
+            2, 0, b'r', b'1', // server
+            0, // no volume
+        ];
+        assert_eq!(admin_session.encode(1).to_vec(), expected);
+    }
+
     #[test]
     fn short_and_trailing_bodies_are_malformed() {
         let mut enc = Request::Read { offset: 1, len: 2 }.encode(1).to_vec();
