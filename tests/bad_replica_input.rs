@@ -898,9 +898,11 @@ fn two_engines_started_at_once_never_both_write() {
                 .all(|(p, s)| !p.is_running() || UnixStream::connect(s).is_ok())
         });
         let mut writers = Vec::new();
+        let mut seen = String::new();
         for (name, p, sock, pattern) in [("a", &mut a, &sock_a, 0x11), ("b", &mut b, &sock_b, 0x22)]
         {
             if !p.is_running() {
+                seen += &format!("engine {name} gave up:\n{}\n", p.log_text());
                 continue;
             }
             let uri = format!("nbd+unix:///?socket={}", sock.display());
@@ -921,11 +923,22 @@ fn two_engines_started_at_once_never_both_write() {
             if out.status.success() && said.contains("wrote 4096/4096") && !said.contains("error") {
                 writers.push(name);
             }
+            seen += &format!(
+                "engine {name} serves; qemu-io said:\n{said}\nits log:\n{}\n",
+                p.log_text()
+            );
         }
+        assert!(
+            writers.len() < 2,
+            "round {round}: engines {writers:?} both wrote the volume (generation g{})\n{seen}",
+            volume_info(&r.addr, "twice").generation.0
+        );
+        // And the volume is not left with no writer at all: one of the two
+        // serves it.
         assert_eq!(
             writers.len(),
             1,
-            "round {round}: engines {writers:?} both wrote the volume (generation g{})",
+            "round {round}: neither engine could write (generation g{})\n{seen}",
             volume_info(&r.addr, "twice").generation.0
         );
     }

@@ -497,6 +497,7 @@ async fn open_session(
     let state = states.get(&replica)?;
     let mut session = 0;
     if generation.0 > 0 {
+        let _in_order = state.attaching.lock().await;
         replica
             .set_generation(generation, &client)
             .await

@@ -61,6 +61,12 @@ pub struct VolumeState {
     /// Changing IO holds it shared; a new writing session takes it
     /// exclusively once, to wait out the older sessions' IO.
     pub io_gate: tokio::sync::RwLock<()>,
+    /// Held while a writing session raises the generation and takes its
+    /// session number, so the two go up in the same order: otherwise of two
+    /// engines attaching at once, the newer generation could get the older
+    /// session number, and each would be refused, one as stale and the
+    /// other as replaced.
+    pub attaching: tokio::sync::Mutex<()>,
 }
 
 impl VolumeState {
@@ -112,6 +118,7 @@ impl VolumeState {
             dirty,
             sessions: AtomicU64::new(0),
             io_gate: tokio::sync::RwLock::new(()),
+            attaching: tokio::sync::Mutex::new(()),
         })
     }
 
