@@ -302,6 +302,7 @@ impl Volume {
         self.ensure_membership().await.map_err(|e| e.to_string())?;
 
         let result = self.rebuild(slot, &client, delta, &state.dirty).await;
+        *slot.progress.finished.lock().unwrap() = Some(Instant::now());
         match result {
             Ok(()) => {
                 if slot.transition(MemberState::Rebuilding, MemberState::Healthy) {
@@ -360,6 +361,7 @@ impl Volume {
         p.scanned.store(0, Ordering::Relaxed);
         p.copied.store(0, Ordering::Relaxed);
         *p.started.lock().unwrap() = Some(Instant::now());
+        *p.finished.lock().unwrap() = None;
         info!(
             volume = %self.name, replica = %slot.addr, kind = if delta { "delta" } else { "full" },
             regions = regions.len(), bytes = regions.len() as u64 * rs,

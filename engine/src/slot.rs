@@ -26,7 +26,23 @@ pub struct RebuildProgress {
     pub scanned: AtomicU64,
     pub copied: AtomicU64,
     pub started: Mutex<Option<Instant>>,
+    /// When the last rebuild ended (unset while one runs), so its rate
+    /// stays what it was rather than falling as time goes by.
+    pub finished: Mutex<Option<Instant>>,
     pub last: Mutex<Option<String>>,
+}
+
+impl RebuildProgress {
+    /// Seconds the current or last rebuild ran (0 before the first).
+    pub fn seconds(&self) -> f64 {
+        let started = *self.started.lock().unwrap();
+        let finished = *self.finished.lock().unwrap();
+        match (started, finished) {
+            (Some(s), Some(f)) if f >= s => (f - s).as_secs_f64(),
+            (Some(s), _) => s.elapsed().as_secs_f64(),
+            (None, _) => 0.0,
+        }
+    }
 }
 
 impl Slot {

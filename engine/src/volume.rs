@@ -131,12 +131,7 @@ impl Volume {
                 let p = &s.progress;
                 let copied = p.copied.load(Ordering::Relaxed);
                 let scanned = p.scanned.load(Ordering::Relaxed);
-                let secs = p
-                    .started
-                    .lock()
-                    .unwrap()
-                    .map(|t| t.elapsed().as_secs_f64())
-                    .unwrap_or(0.0);
+                let secs = p.seconds();
                 ReplicaState {
                     addr: s.addr.clone(),
                     id: s.id(),

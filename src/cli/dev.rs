@@ -267,7 +267,7 @@ fn print_welcome(args: &DevArgs, nbd: &NbdListen, replicas: &[String], logs: &Pa
          \nTry it from another terminal:\n\
          \n  # 1. fio, straight through its nbd engine (random writes, verified)\n\
          \x20 fio --name=try --ioengine=nbd {fio_target} --rw=randwrite --bs=4k --iodepth=32 \\\n\
-         \x20     --size=256M --verify=crc32c\n\
+         \x20     --size={fio_size} --verify=crc32c\n\
          \n  # 2. copy a disk image in and read it back\n\
          \x20 qemu-img convert -n -O raw my-disk.img '{uri}'\n\
          \x20 nbdcopy '{uri}' copy-back.img\n\
@@ -282,6 +282,8 @@ fn print_welcome(args: &DevArgs, nbd: &NbdListen, replicas: &[String], logs: &Pa
          \nPress Ctrl-C to stop every process this started.",
         name = args.name,
         size = human(args.size),
+        // fio's file must fit in the volume.
+        fio_size = (args.size / (1 << 20)).clamp(1, 256).to_string() + "M",
         n = replicas.len(),
         replicas = replicas.join(" and "),
         logs = logs.display(),
