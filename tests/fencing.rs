@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::*;
 
 #[test]
@@ -75,7 +77,7 @@ fn an_older_engine_stops_even_where_the_newer_one_has_not_reached() {
     add_replica(tmp.path(), "split", &r2.addr);
     wait_until(
         "the second replica to be rebuilt",
-        std::time::Duration::from_secs(30),
+        Duration::from_secs(30),
         || status_json(tmp.path(), "split")["healthy"].as_u64() == Some(2),
     );
     drop(old);
@@ -94,6 +96,125 @@ fn an_older_engine_stops_even_where_the_newer_one_has_not_reached() {
     assert!(
         out.status.success(),
         "replicas differ after the rebuild:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The race, not the aftermath: the old engine is in the middle of writing
+/// pattern X over a range at queue depth 32 when the newer engine starts.
+/// Once the newer one has written Y over the range, the old one goes on
+/// trying (and failing) for a while; then both replicas must hold Y over
+/// the whole range — no write of the old engine landed after the newer
+/// one started.
+#[test]
+fn an_older_engine_busy_writing_when_a_newer_one_starts_lands_nothing_after() {
+    const RANGE: u64 = 8 << 20;
+    let tmp = tempfile::tempdir().unwrap();
+    let r1 = Replica::start(&tmp.path().join("r1"), "uring");
+    let r2 = Replica::start(&tmp.path().join("r2"), "sync");
+    create_volume("race", "64MiB", &[&r1, &r2]);
+    let before = [allocated_bytes(&r1.dir), allocated_bytes(&r2.dir)];
+
+    let old = Engine::start(tmp.path(), "race", &[&r1, &r2]);
+    // X (0x58) over the range, round and round, until stopped; errors
+    // counted, not fatal.
+    let mut busy = Fio::start(
+        tmp.path(),
+        "old",
+        &old.uri(),
+        &[
+            "--rw=randwrite",
+            "--bs=64k",
+            "--iodepth=32",
+            &format!("--size={RANGE}"),
+            "--buffer_pattern=0x58",
+            "--scramble_buffers=0",
+            "--time_based",
+            "--runtime=120",
+        ],
+    );
+    wait_until(
+        "the old engine's writes to cover the range on both replicas",
+        Duration::from_secs(30),
+        || {
+            assert!(
+                busy.proc.is_running(),
+                "fio ended early:\n{}",
+                busy.proc.log_text()
+            );
+            allocated_bytes(&r1.dir) >= before[0] + RANGE
+                && allocated_bytes(&r2.dir) >= before[1] + RANGE
+        },
+    );
+
+    let new = Engine::start(tmp.path(), "race", &[&r1, &r2]);
+    assert!(
+        busy.proc.is_running(),
+        "fio stopped writing through the old engine before the new one was up:\n{}",
+        busy.proc.log_text()
+    );
+    qemu_io_ok(&new.uri(), &[&format!("write -P 0x59 0 {RANGE}"), "flush"]);
+
+    // The old engine keeps getting writes of X to the range, from fio and
+    // from fresh connections, and refuses every one.
+    let write_x = format!("write -P 0x58 0 {RANGE}");
+    for attempt in 0..5 {
+        let (ok, out) = qemu_io(&old.uri(), &[&write_x, "flush"]);
+        assert!(
+            !ok,
+            "the superseded engine acknowledged a write (attempt {attempt}):\n{out}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        busy.proc.is_running(),
+        "fio stopped trying to write through the old engine:\n{}",
+        busy.proc.log_text()
+    );
+    busy.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    let report = busy.wait(Duration::from_secs(30));
+    let errors: i64 = report
+        .jobs()
+        .iter()
+        .map(|j| j["total_err"].as_i64().unwrap_or(0))
+        .sum();
+    eprintln!(
+        "the old engine took {} bytes of X before it was superseded, then refused {errors} \
+         of fio's writes",
+        report.io_bytes("write")
+    );
+    assert!(
+        report.io_bytes("write") >= RANGE,
+        "the old engine never wrote the range: {:#}",
+        report.json
+    );
+    assert!(
+        errors > 0,
+        "fio saw no error from the superseded engine:\n{}",
+        report.log
+    );
+    assert!(old
+        .proc
+        .log_text()
+        .contains("a newer engine has taken this volume over"));
+    drop(old);
+
+    qemu_io_ok(&new.uri(), &[&format!("read -P 0x59 0 {RANGE}")]);
+    drop(new);
+    // What the newer engine read is on both replicas, byte for byte.
+    let out = shorthorn(&[
+        "replica",
+        "verify",
+        "race",
+        "--replica",
+        &r1.addr,
+        "--replica",
+        &r2.addr,
+    ]);
+    assert!(
+        out.status.success(),
+        "the replicas differ:\n{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );

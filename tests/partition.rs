@@ -292,20 +292,12 @@ fn cutting_a_replica_link_keeps_the_volume_writable() {
     assert_all_cleaned_up();
 }
 
-/// What the engine will log when a replica is back in the healthy set, and
-/// the field of that line with the bytes its rebuild copied. The lead sets
-/// both to what the rebuild really logs when enabling the test below.
-const REJOINED: &str = "rebuild finished";
-const REBUILD_BYTES_FIELD: &str = "bytes_copied=";
+/// What the engine logs when a rebuild ends, with its `kind` (`delta` or
+/// `full`), `bytes_compared` and `bytes_copied`.
+const REBUILT: &str = "rebuild finished";
 
-/// `N` in `...FIELD=N...` of a log line.
-fn field(line: &str, field: &str) -> Option<u64> {
-    let at = line.find(field)? + field.len();
-    let digits: String = line[at..]
-        .chars()
-        .take_while(|c| c.is_ascii_digit())
-        .collect();
-    digits.parse().ok()
+fn healthy(dir: &Path) -> u64 {
+    status_json(dir, VOLUME)["healthy"].as_u64().unwrap_or(0)
 }
 
 fn verify_in(ns: &Netns, lab: &Lab) -> Output {
@@ -330,6 +322,10 @@ fn restored_link_brings_the_replica_back_by_delta_rebuild() {
         let mut lab = Lab::start(tmp.path());
         // 64 MiB on both replicas: a full rebuild would copy all of it.
         qemu_io(&lab.uri(), &["write -P 0x11 0 64M", "flush"]);
+        // Let the engine clean those regions (it waits until a region has
+        // been idle for about a second), so the delta below is only what A
+        // misses during the cut.
+        std::thread::sleep(Duration::from_millis(3000));
 
         lab.link_a.cut();
         // 4 MiB written while A is away, in four places.
@@ -351,28 +347,49 @@ fn restored_link_brings_the_replica_back_by_delta_rebuild() {
         );
         assert!(took < IO_TIMEOUT + SLACK, "IO during the cut took {took:?}");
         assert!(!lab.dropped(&lab.addr_a).is_empty(), "A was not dropped");
+        assert_eq!(healthy(tmp.path()), 1, "A is cut off but counted healthy");
 
         // The engine retries A by itself, with backoff, and rebuilds it
-        // online, copying only what A missed.
+        // online, comparing and copying only what A missed. Healthy again
+        // (which the engine sets after logging the rebuild) before B is
+        // cut below, or that cut would race A's return.
         lab.link_a.restore();
-        let mut rejoined = String::new();
-        wait_until("replica A to rejoin", Duration::from_secs(120), || {
-            assert!(lab.engine.is_running(), "{}", lab.engine.log_text());
-            let log = lab.engine.log_text();
-            match log
-                .lines()
-                .rfind(|l| l.contains(REJOINED) && l.contains(&lab.addr_a))
-            {
-                Some(l) => {
-                    rejoined = l.to_string();
-                    true
-                }
-                None => false,
-            }
-        });
-        let copied = field(&rejoined, REBUILD_BYTES_FIELD)
-            .unwrap_or_else(|| panic!("no {REBUILD_BYTES_FIELD} in {rejoined:?}"));
-        eprintln!("delta rebuild copied {copied} bytes for {written} written during the cut");
+        wait_until(
+            "replica A to be healthy again",
+            Duration::from_secs(120),
+            || {
+                assert!(lab.engine.is_running(), "{}", lab.engine.log_text());
+                healthy(tmp.path()) == 2
+            },
+        );
+        let log = lab.engine.log_text();
+        let rebuilt = *log_lines(&log, &[REBUILT, &lab.addr_a])
+            .last()
+            .unwrap_or_else(|| panic!("A is healthy, but no {REBUILT:?} for it:\n{log}"));
+        let kind = log_field(rebuilt, "kind");
+        let compared = log_number(rebuilt, "bytes_compared");
+        let copied = log_number(rebuilt, "bytes_copied");
+        let size = status_json(tmp.path(), VOLUME)["size"].as_u64().unwrap();
+        eprintln!(
+            "{} rebuild compared {compared} and copied {copied} bytes of a {size}-byte \
+             volume, for {written} written during the cut",
+            kind.unwrap_or("?")
+        );
+        assert_eq!(
+            kind,
+            Some("delta"),
+            "A came back with its data, yet was not rebuilt by delta: {rebuilt}"
+        );
+        // Five 2 MiB regions were written during the cut: 10 MiB to compare.
+        assert!(
+            compared <= size / 8,
+            "the delta rebuild compared {compared} bytes of a {size}-byte volume, \
+             for {written} written while A was away"
+        );
+        // No lower bound: a write the engine sent A after the cut, before
+        // dropping it, waits in the old connection's send buffer; when the
+        // link is back, TCP may deliver it before the engine reconnects
+        // (from then on A would refuse it), and then it is not copied.
         assert!(
             copied <= 4 * written,
             "the rebuild copied {copied} bytes for {written} written while A was away"

@@ -1,7 +1,8 @@
 //! Failures without data loss (DESIGN.md invariants 2-6), with real
 //! processes: replica daemons killed and restarted under verified fio
 //! load, an engine killed mid-write, a short outage repaired by delta
-//! rebuild, and a replica added and rebuilt in full while IO runs.
+//! rebuild, a replica added and rebuilt in full while IO runs, and one
+//! removed from a running volume and added back.
 
 mod common;
 
@@ -47,17 +48,24 @@ fn replica_status(dir: &Path, volume: &str, addr: &str) -> serde_json::Value {
 
 /// `kill -9` one replica daemon, then the other, ten times in all, while
 /// fio writes and verifies; each comes back on its own and is rebuilt
-/// before the next kill. fio sees no error, and the replicas end identical.
+/// before the next kill. Every kill lands while fio's writes are reaching
+/// the victim; fio sees no error, and the replicas end identical.
 #[test]
 fn replicas_killed_and_restarted_ten_times_under_fio_lose_nothing() {
+    const CYCLES: u64 = 10;
+    /// Each cycle writes its own stretch of the volume, where no cycle
+    /// wrote before: the victim's allocated bytes then grow only with
+    /// fio's writes reaching it.
+    const SPAN: u64 = 48 << 20;
     let tmp = tempfile::tempdir().unwrap();
     let mut a = Replica::start(&tmp.path().join("a"), "uring");
     let mut b = Replica::start(&tmp.path().join("b"), "sync");
-    create_volume("loop", "128MiB", &[&a, &b]);
+    create_volume("loop", "512MiB", &[&a, &b]);
     let engine = Engine::start_with(tmp.path(), "loop", &[&a, &b], &["--io-timeout", "2s"]);
-    let cycles = 10;
-    for cycle in 0..cycles {
-        let fio = Fio::start(
+    for cycle in 0..CYCLES {
+        let victim = if cycle % 2 == 0 { &mut a } else { &mut b };
+        let before = allocated_bytes(&victim.dir);
+        let mut fio = Fio::start(
             tmp.path(),
             &format!("loop{cycle}"),
             &engine.uri(),
@@ -65,22 +73,60 @@ fn replicas_killed_and_restarted_ten_times_under_fio_lose_nothing() {
                 "--rw=randwrite",
                 "--bs=4k",
                 "--iodepth=16",
-                "--size=48M",
+                &format!("--offset={}", cycle * SPAN),
+                &format!("--size={SPAN}"),
                 "--verify=crc32c",
                 "--verify_backlog=512",
                 &format!("--randseed={}", 1000 + cycle),
             ],
         );
-        std::thread::sleep(Duration::from_millis(300));
-        let victim = if cycle % 2 == 0 { &mut a } else { &mut b };
+        wait_until(
+            &format!("cycle {cycle}: fio's writes to reach {}", victim.addr),
+            STEP,
+            || {
+                assert!(
+                    fio.proc.is_running(),
+                    "cycle {cycle}: fio ended before the kill:\n{}",
+                    fio.proc.log_text()
+                );
+                allocated_bytes(&victim.dir) >= before + (4 << 20)
+            },
+        );
         victim.proc.kill9();
+        // Still running after the kill, so running when it landed.
+        assert!(
+            fio.proc.is_running(),
+            "cycle {cycle}: fio finished before the kill landed; the job is too small"
+        );
         std::thread::sleep(Duration::from_millis(200));
         victim.restart_after_kill9();
         let report = fio.wait(STEP);
         report.assert_clean();
+        assert_eq!(report.io_bytes("write"), SPAN, "cycle {cycle}");
         wait_healthy(tmp.path(), "loop", 2);
     }
-    eprintln!("{cycles} kill -9 cycles under fio: no error, each replica rebuilt");
+
+    let log = engine.proc.log_text();
+    let dropped = log_lines(&log, &["dropped from the healthy set"]).len() as u64;
+    let rebuilds = log_lines(&log, &["rebuild finished"]);
+    eprintln!(
+        "{CYCLES} kill -9 cycles under fio: no error; {dropped} drops, {} rebuilds",
+        rebuilds.len()
+    );
+    assert!(
+        dropped >= CYCLES,
+        "{CYCLES} replicas killed under writes, but only {dropped} dropped:\n{log}"
+    );
+    assert!(
+        rebuilds.len() as u64 >= CYCLES,
+        "{CYCLES} replicas killed, but only {} rebuilds finished:\n{log}",
+        rebuilds.len()
+    );
+    // A daemon restarted on its own data is the same replica: it missed
+    // only what was written while it was down.
+    for line in &rebuilds {
+        assert_eq!(log_field(line, "kind"), Some("delta"), "{line}");
+    }
     drop(engine);
     assert_identical("loop", &[&a, &b]);
 }
@@ -230,4 +276,91 @@ fn added_replica_is_rebuilt_online_and_joins() {
     assert!(text.contains(&b.addr) && text.contains("healthy"), "{text}");
     drop(engine);
     assert_identical("grow", &[&a, &b]);
+}
+
+/// `shorthorn volume remove-replica NAME --replica ADDR --run-dir DIR`.
+fn remove_replica(dir: &Path, volume: &str, addr: &str) -> std::process::Output {
+    shorthorn(&[
+        "volume",
+        "remove-replica",
+        volume,
+        "--replica",
+        addr,
+        "--run-dir",
+        dir.to_str().unwrap(),
+    ])
+}
+
+/// `volume remove-replica` takes a replica out of a running volume: the
+/// volume goes on serving from the other, writes stop reaching the removed
+/// one, and the last healthy replica cannot be removed. Added back, the
+/// replica is rebuilt and ends identical.
+#[test]
+fn removed_replica_leaves_the_volume_serving_and_can_be_added_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = Replica::start(&tmp.path().join("a"), "auto");
+    let b = Replica::start(&tmp.path().join("b"), "auto");
+    create_volume("shrink", "64MiB", &[&a, &b]);
+    let engine = Engine::start(tmp.path(), "shrink", &[&a, &b]);
+    qemu_io_ok(&engine.uri(), &["write -P 0x44 0 16M", "flush"]);
+    wait_healthy(tmp.path(), "shrink", 2);
+
+    let out = remove_replica(tmp.path(), "shrink", &b.addr);
+    assert!(
+        out.status.success(),
+        "remove-replica failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = status_json(tmp.path(), "shrink");
+    let addrs: Vec<&str> = s["replicas"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no replicas in {s:#}"))
+        .iter()
+        .filter_map(|r| r["addr"].as_str())
+        .collect();
+    assert_eq!(addrs, [a.addr.as_str()], "{s:#}");
+    assert_eq!(s["healthy"].as_u64(), Some(1), "{s:#}");
+
+    // The volume serves from `a` alone; `b` no longer gets the writes.
+    let b_before = allocated_bytes(&b.dir);
+    qemu_io_ok(
+        &engine.uri(),
+        &[
+            "write -P 0x55 16M 16M",
+            "flush",
+            "read -P 0x44 0 16M",
+            "read -P 0x55 16M 16M",
+        ],
+    );
+    let b_grew = allocated_bytes(&b.dir).saturating_sub(b_before);
+    assert!(
+        b_grew < 4 << 20,
+        "the removed replica grew by {b_grew} bytes when 16 MiB were written"
+    );
+
+    let out = remove_replica(tmp.path(), "shrink", &a.addr);
+    assert!(
+        !out.status.success(),
+        "the last healthy replica was removed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("last healthy replica"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    qemu_io_ok(&engine.uri(), &["read -P 0x44 0 16M"]);
+
+    add_replica(tmp.path(), "shrink", &b.addr);
+    wait_healthy(tmp.path(), "shrink", 2);
+    assert_eq!(
+        replica_status(tmp.path(), "shrink", &b.addr)["state"],
+        "healthy"
+    );
+    qemu_io_ok(
+        &engine.uri(),
+        &["read -P 0x44 0 16M", "read -P 0x55 16M 16M"],
+    );
+    drop(engine);
+    assert_identical("shrink", &[&a, &b]);
 }

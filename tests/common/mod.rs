@@ -945,3 +945,29 @@ pub fn verified_random_writes(block_size: &str, size: u64, extra: &[&str]) -> Ve
 pub fn as_args(job: &[String]) -> Vec<&str> {
     job.iter().map(String::as_str).collect()
 }
+
+/// The value of field `name` in one of a daemon's log lines
+/// (`... name=VALUE ...`, or `name="VALUE"` for text), without quotes.
+pub fn log_field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    let at = line.find(&format!(" {name}="))? + name.len() + 2;
+    let rest = &line[at..];
+    match rest.strip_prefix('"') {
+        Some(quoted) => quoted.split('"').next(),
+        None => rest.split_whitespace().next(),
+    }
+}
+
+/// Like [`log_field`], for a number; panics naming the line if the field
+/// is missing or not a number.
+pub fn log_number(line: &str, name: &str) -> u64 {
+    log_field(line, name)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no number {name}= in log line {line:?}"))
+}
+
+/// The lines of `log` that contain every one of `needles`.
+pub fn log_lines<'a>(log: &'a str, needles: &[&str]) -> Vec<&'a str> {
+    log.lines()
+        .filter(|l| needles.iter().all(|n| l.contains(n)))
+        .collect()
+}
