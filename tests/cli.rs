@@ -463,6 +463,16 @@ fn engine_serve_fails_clearly_when_it_cannot_serve() {
             vec!["real", "--replica", &r.addr, "--replica", &r.addr],
             vec!["same replica daemon"],
         ),
+        (
+            vec![
+                "real",
+                "--replica",
+                &r.addr,
+                "--run-dir",
+                "/proc/shorthorn-run",
+            ],
+            vec!["--run-dir /proc/shorthorn-run", "control socket"],
+        ),
     ];
     for (extra, wants) in cases {
         let mut args = vec!["engine", "serve", "--nbd", &nbd, "--io-timeout-ms", "2000"];

@@ -17,23 +17,32 @@ use tracing::{debug, warn};
 
 use crate::volume::Volume;
 
-/// Serves the control socket at `path` until `shutdown` resolves; removes
-/// the socket file afterwards.
-pub async fn serve(
-    path: PathBuf,
-    volume: Arc<Volume>,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> std::io::Result<()> {
-    // The newest engine for a volume takes the socket over: an older one
-    // still running has been fenced by this one's claim, so the status
-    // people want is this engine's.
-    let _ = std::fs::remove_file(&path);
-    JsonSocket::bind(&path)?
-        .serve(shutdown, move |req| {
-            let volume = volume.clone();
-            async move { handle(&volume, &req).await }
-        })
-        .await
+/// A volume's control socket, bound and not yet answering.
+pub struct ControlSocket(JsonSocket);
+
+impl ControlSocket {
+    /// Binds at `path`. Call it once the volume is attached: the newest
+    /// engine for a volume takes the socket over (an older one still
+    /// running has been fenced by this one's claim, so the status people
+    /// want is this engine's), and one that lost the race must not.
+    pub fn bind(path: &Path) -> std::io::Result<ControlSocket> {
+        let _ = std::fs::remove_file(path);
+        JsonSocket::bind(path).map(ControlSocket)
+    }
+
+    /// Answers until `shutdown` resolves; removes the socket file afterwards.
+    pub async fn serve(
+        self,
+        volume: Arc<Volume>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        self.0
+            .serve(shutdown, move |req| {
+                let volume = volume.clone();
+                async move { handle(&volume, &req).await }
+            })
+            .await
+    }
 }
 
 /// A unix socket taking one JSON request per connection and answering one

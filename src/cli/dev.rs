@@ -33,10 +33,10 @@ pub struct DevArgs {
     #[arg(long, default_value = "dev")]
     pub name: VolumeName,
     /// Where the engine serves NBD (default: a unix socket in the data dir).
-    #[arg(long)]
+    #[arg(long, value_name = "unix:PATH|HOST:PORT")]
     pub nbd: Option<NbdListen>,
     /// Disk IO engine for the replica daemons: auto, uring or sync.
-    #[arg(long, default_value = "auto")]
+    #[arg(long, default_value = "auto", value_parser = ["auto", "uring", "sync"])]
     pub io_engine: String,
 }
 

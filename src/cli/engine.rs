@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use serde_json::json;
+use shorthorn_engine::control::ControlSocket;
 use shorthorn_engine::nbd::{NbdListen, NbdServer, NbdServerConfig};
 use shorthorn_engine::{Volume, VolumeBackend, VolumeOptions};
 use shorthorn_proto::VolumeName;
@@ -52,10 +53,10 @@ pub struct ServeArgs {
     pub name: VolumeName,
     /// Replica daemon (HOST:PORT) holding a replica of the volume; give it
     /// once or twice. Reads prefer the first.
-    #[arg(long = "replica", required = true)]
+    #[arg(long = "replica", value_name = "HOST:PORT", required = true)]
     pub replicas: Vec<String>,
     /// Where to serve NBD: `unix:/path/to.sock` or `HOST:PORT`.
-    #[arg(long)]
+    #[arg(long, value_name = "unix:PATH|HOST:PORT")]
     pub nbd: NbdListen,
     /// A replica that does not answer a request within this is dropped from
     /// the volume's healthy set, and IO goes on with the others: `5s`,
@@ -165,6 +166,14 @@ pub async fn run_engine(
         args.replicas.len()
     );
     super::distinct_replicas(&args.replicas).await?;
+    // Found out before the replicas are touched: the control socket goes
+    // here once the volume is attached.
+    std::fs::create_dir_all(&args.run_dir).with_context(|| {
+        format!(
+            "creating --run-dir {} for the engine's control socket",
+            args.run_dir.display()
+        )
+    })?;
     let options = VolumeOptions {
         io_timeout: args.io_timeout(),
         client_id: VolumeOptions::unique_client_id(args.name.as_str()),
@@ -192,11 +201,13 @@ pub async fn run_engine(
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let control = tokio::spawn(shorthorn_engine::control::serve(
-        control_path.clone(),
-        volume.clone(),
-        stopped(stop_rx.clone()),
-    ));
+    let control = ControlSocket::bind(&control_path).with_context(|| {
+        format!(
+            "creating the engine's control socket {} (choose another place with --run-dir)",
+            control_path.display()
+        )
+    })?;
+    let control = tokio::spawn(control.serve(volume.clone(), stopped(stop_rx.clone())));
     info!(volume = %args.name, control = %control_path.display(), "control socket ready");
     ready(uri);
     let serving = server.run(config, backend, stopped(stop_rx));

@@ -30,11 +30,11 @@ pub struct ServeArgs {
     #[arg(long)]
     pub data_dir: PathBuf,
     /// Address to listen on for engines and management calls.
-    #[arg(long, default_value = "0.0.0.0:7700")]
+    #[arg(long, value_name = "HOST:PORT", default_value = "0.0.0.0:7700")]
     pub listen: String,
     /// Disk IO engine: `uring` (io_uring), `sync` (pread/pwrite on a thread
     /// pool), or `auto` (io_uring when the kernel allows it).
-    #[arg(long, default_value = "auto")]
+    #[arg(long, value_name = "auto|uring|sync", default_value = "auto")]
     pub io_engine: IoEngineChoice,
     /// Most connections served at once; more are closed at once.
     #[arg(long, default_value_t = 1024)]

@@ -41,7 +41,7 @@ pub struct VerifyArgs {
     pub name: VolumeName,
     /// Replica daemon (HOST:PORT) holding a replica of the volume; give
     /// two or more.
-    #[arg(long = "replica", required = true)]
+    #[arg(long = "replica", value_name = "HOST:PORT", required = true)]
     pub replicas: Vec<String>,
     /// Bytes per read request (a multiple of 512, at most 4 MiB). 1 MiB
     /// reads measured about twice as fast as 4 MiB ones.

@@ -36,7 +36,7 @@ pub struct CreateArgs {
     #[arg(long, value_parser = parse_size)]
     pub size: u64,
     /// Replica daemon (HOST:PORT) to keep a replica; give it once or twice.
-    #[arg(long = "replica", required = true)]
+    #[arg(long = "replica", value_name = "HOST:PORT", required = true)]
     pub replicas: Vec<String>,
     /// How long to wait for each daemon.
     #[arg(long, default_value_t = 10_000)]
@@ -46,7 +46,7 @@ pub struct CreateArgs {
 #[derive(Args)]
 pub struct ListArgs {
     /// Replica daemon (HOST:PORT) to ask; repeat for several.
-    #[arg(long = "replica", required = true)]
+    #[arg(long = "replica", value_name = "HOST:PORT", required = true)]
     pub replicas: Vec<String>,
     #[arg(long, default_value_t = 10_000)]
     pub timeout_ms: u64,
@@ -56,7 +56,7 @@ pub struct ListArgs {
 pub struct DeleteArgs {
     pub name: VolumeName,
     /// Replica daemon (HOST:PORT) holding a replica; repeat for several.
-    #[arg(long = "replica", required = true)]
+    #[arg(long = "replica", value_name = "HOST:PORT", required = true)]
     pub replicas: Vec<String>,
     #[arg(long, default_value_t = 10_000)]
     pub timeout_ms: u64,
