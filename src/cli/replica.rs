@@ -69,8 +69,12 @@ pub async fn run(command: ReplicaCommand) -> anyhow::Result<()> {
 }
 
 async fn serve_replicas(args: ServeArgs) -> anyhow::Result<()> {
-    let io = open_io(args.io_engine)
-        .with_context(|| format!("starting the {} IO engine", args.io_engine))?;
+    let io = open_io(args.io_engine).with_context(|| match args.io_engine {
+        IoEngineChoice::Uring => "starting the uring IO engine: this kernel (or a seccomp \
+                 profile around this process) refuses io_uring; use --io-engine auto or sync"
+            .to_string(),
+        other => format!("starting the {other} IO engine"),
+    })?;
     let io_name = io.name();
     let faults = args
         .fault_control_file

@@ -5,7 +5,9 @@ use rand::{Rng, SeedableRng};
 
 use std::time::Duration;
 
-use super::{assert_matches, fresh_volume, pattern, Disk, HeldWrites, Model, MIB};
+use super::{
+    assert_matches, file_id, fresh_volume, pattern, Disk, HeldWrites, Model, SyncLog, MIB,
+};
 use crate::storage::units::BlockRange;
 use crate::storage::{StorageError, BLOCK_SIZE};
 
@@ -20,7 +22,7 @@ for_each_engine!(
     zeroing_over_snapshots_hides_old_data,
     writes_racing_a_snapshot_are_never_lost,
     snapshot_waits_for_writes_in_flight,
-    flush_and_fua_succeed,
+    flush_and_fua_reach_fdatasync_on_the_head,
 );
 
 async fn round_trips_at_odd_offsets(disk: Disk) {
@@ -388,13 +390,39 @@ async fn snapshot_waits_for_writes_in_flight(disk: Disk) {
     );
 }
 
-async fn flush_and_fua_succeed(disk: Disk) {
-    let (_dir, _store, r) = fresh_volume(&disk, MIB).await;
+async fn flush_and_fua_reach_fdatasync_on_the_head(disk: Disk) {
+    let log = SyncLog::new(disk.io.clone());
+    let (_dir, _store, r) = fresh_volume(&disk.with_io(log.clone()), MIB).await;
+    let head = || file_id(&r.chain.load().head().file);
+    // Each step must end with a sync of the file the data is in.
+    let synced_head_since = |before: usize| {
+        let synced = log.synced();
+        synced.len() > before && synced[before..].contains(&head())
+    };
+
+    let n = log.synced().len();
+    r.write(4096, pattern(89, 8192), false).await.unwrap();
+    assert_eq!(log.synced().len(), n, "a plain write waits for FLUSH");
+    r.flush().await.unwrap();
+    assert!(synced_head_since(n), "FLUSH syncs the head");
+
+    let n = log.synced().len();
     r.write(4096, pattern(90, 8192), true).await.unwrap();
-    r.flush().await.unwrap();
+    assert!(synced_head_since(n), "a FUA write syncs the head");
+
+    // After a snapshot the head is a new file: that is the one synced.
     r.snapshot().await.unwrap();
+    let n = log.synced().len();
     r.write(0, pattern(91, 100), true).await.unwrap();
+    assert!(synced_head_since(n), "FUA into a new head syncs it");
+    let n = log.synced().len();
     r.flush().await.unwrap();
+    assert!(
+        synced_head_since(n),
+        "FLUSH after a snapshot syncs the new head"
+    );
+    let n = log.synced().len();
     r.write_zeroes(0, 4096, true).await.unwrap();
+    assert!(synced_head_since(n), "WRITE_ZEROES with FUA syncs the head");
     assert_eq!(r.read(4096, 8192).await.unwrap(), pattern(90, 8192));
 }

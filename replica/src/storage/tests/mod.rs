@@ -230,6 +230,63 @@ impl DiskIo for HeldWrites {
     }
 }
 
+/// Wraps an engine and remembers which files were fdatasync'ed, in order
+/// (as `(device, inode)`): what proves FLUSH and FUA reach stable storage
+/// on the file that holds the data, not merely that they return.
+pub(crate) struct SyncLog {
+    inner: Arc<dyn DiskIo>,
+    synced: std::sync::Mutex<Vec<(u64, u64)>>,
+}
+
+impl SyncLog {
+    pub fn new(inner: Arc<dyn DiskIo>) -> Arc<SyncLog> {
+        Arc::new(SyncLog {
+            inner,
+            synced: Default::default(),
+        })
+    }
+
+    /// The files synced so far.
+    pub fn synced(&self) -> Vec<(u64, u64)> {
+        self.synced.lock().unwrap().clone()
+    }
+}
+
+/// A file's `(device, inode)`.
+pub(crate) fn file_id(file: &std::fs::File) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let m = file.metadata().unwrap();
+    (m.dev(), m.ino())
+}
+
+impl DiskIo for SyncLog {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+
+    fn read_at(
+        &self,
+        file: Arc<std::fs::File>,
+        offset: u64,
+        len: usize,
+    ) -> super::IoFuture<super::AlignedBuf> {
+        self.inner.read_at(file, offset, len)
+    }
+
+    fn write_at(&self, file: Arc<std::fs::File>, offset: u64, data: Bytes) -> super::IoFuture<()> {
+        self.inner.write_at(file, offset, data)
+    }
+
+    fn sync_data(&self, file: Arc<std::fs::File>) -> super::IoFuture<()> {
+        self.synced.lock().unwrap().push(file_id(&file));
+        self.inner.sync_data(file)
+    }
+
+    fn punch_hole(&self, file: Arc<std::fs::File>, offset: u64, len: u64) -> super::IoFuture<()> {
+        self.inner.punch_hole(file, offset, len)
+    }
+}
+
 /// Refuses, with EINVAL, any IO not aligned to 4 KiB in offset, length and
 /// memory. The kernel is laxer (512-byte sectors suffice on most disks, and
 /// ext4 quietly serves unaligned O_DIRECT through the page cache), so this
