@@ -20,8 +20,8 @@ use bytes::{Bytes, BytesMut};
 use rand::{Rng, RngCore, SeedableRng};
 use shorthorn_proto::frame::decode_frame;
 use shorthorn_proto::{
-    ErrorCode, Generation, Hello, RemoteError, Reply, Request, VolumeInfo, MAGIC, MAX_BODY_LEN,
-    MAX_IO_LEN, PROTOCOL_VERSION,
+    ErrorCode, Generation, Hello, Member, MemberState, Membership, RemoteError, Reply, Request,
+    VolumeInfo, MAGIC, MAX_BODY_LEN, MAX_IO_LEN, PROTOCOL_VERSION,
 };
 
 use common::bad_input::*;
@@ -856,6 +856,65 @@ fn replica_daemon_refuses_a_second_writer_at_the_engines_generation() {
         "the volume changed under the engine"
     );
     stop(&mut engine);
+}
+
+/// A session replaced by a newer one (an engine that reconnected, or a
+/// newer engine) can change nothing: not the data, not who is up to date,
+/// not the dirty map. Calls already on their way when the newer session
+/// opened are exactly what this guards against.
+#[test]
+fn a_replaced_session_can_change_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = Replica::start(&tmp.path().join("r1"), "auto");
+    create_volume("moved", "8MiB", &[&r]);
+    // The same client at the same generation twice: a reconnect.
+    let mut old = Wire::session(&r.addr, "moved", 1);
+    let mut new = Wire::session(&r.addr, "moved", 1);
+    let id = match new.call(2, &Request::GetState) {
+        Reply::State(s) => s.replica_id,
+        other => panic!("state: {other:?}"),
+    };
+    let membership = |epoch| {
+        Request::SetMembership(Membership {
+            epoch,
+            members: vec![Member {
+                id: id.clone(),
+                addr: r.addr.clone(),
+                state: MemberState::Healthy,
+            }],
+        })
+    };
+    let dirty_before = match new.call(3, &write_req(0, 4096)) {
+        Reply::Done => match new.call(4, &Request::GetState) {
+            Reply::State(s) => s.dirty,
+            other => panic!("state: {other:?}"),
+        },
+        other => panic!("the newer session's write: {other:?}"),
+    };
+    for (what, request) in [
+        ("membership", membership(1)),
+        ("write", write_req(8192, 4096)),
+        (
+            "clean",
+            Request::MarkClean {
+                bitmap: Bytes::from(vec![0xff; 1]),
+            },
+        ),
+    ] {
+        match old.call(5, &request) {
+            Reply::Error(e) => assert_eq!(e.code, ErrorCode::StaleGeneration, "{what}: {e}"),
+            other => panic!("the replaced session's {what} was taken: {other:?}"),
+        }
+    }
+    match new.call(6, &Request::GetState) {
+        Reply::State(s) => {
+            assert_eq!(s.membership.epoch, 0, "membership changed");
+            assert_eq!(s.dirty, dirty_before, "dirty map changed");
+        }
+        other => panic!("state: {other:?}"),
+    }
+    // The newer session still can.
+    assert!(matches!(new.call(7, &membership(1)), Reply::Done));
 }
 
 /// An engine process started by hand, without waiting for it.

@@ -215,6 +215,18 @@ impl Session {
             Session::Admin => None,
         }
     }
+
+    /// Whether no newer writing session has opened on this volume since.
+    fn is_newest(&self) -> bool {
+        match self {
+            Session::Volume {
+                state,
+                session: mine,
+                ..
+            } => state.sessions.load(std::sync::atomic::Ordering::Acquire) == *mine,
+            Session::Admin => false,
+        }
+    }
 }
 
 impl Server {
@@ -334,6 +346,7 @@ impl Conn {
         let (ticket, answered) = match (&request, state) {
             (Request::MarkClean { bitmap }, Some(state)) => {
                 let reply = match io_replica(&self.session, false) {
+                    Ok(replica) if !self.session.is_newest() => Reply::Error(replaced(replica)),
                     Ok(replica) => {
                         state.dirty().clear(bitmap);
                         // Written (not synced) once the regions' data is
@@ -578,6 +591,9 @@ async fn execute(
         }
         Request::SetMembership(m) => {
             io_replica(session, false)?;
+            // Like a write: an engine whose session was replaced while its
+            // call was on the way must not change who is up to date.
+            let _gate = newest_session(session).await?;
             let (replica, state) = volume_of(session)?;
             let epoch = m.epoch;
             state
@@ -595,28 +611,9 @@ async fn execute(
             let read_only = matches!(io, Request::Read { .. });
             let replica = io_replica(session, read_only)?;
             // Held for the IO's duration: a newer session waits for it.
-            let _gate = match (read_only, session) {
-                (
-                    false,
-                    Session::Volume {
-                        state,
-                        session: mine,
-                        ..
-                    },
-                ) => {
-                    let g = state.io_gate.read().await;
-                    if state.sessions.load(std::sync::atomic::Ordering::Acquire) != *mine {
-                        return Err(RemoteError::new(
-                            ErrorCode::StaleGeneration,
-                            format!(
-                                "volume {}: a newer session has replaced this one",
-                                replica.name()
-                            ),
-                        ));
-                    }
-                    Some(g)
-                }
-                _ => None,
+            let _gate = match read_only {
+                false => Some(newest_session(session).await?),
+                true => None,
             };
             if let (Some(t), Some(state)) = (ticket, session.state()) {
                 state.dirty().persist(t).await.map_err(|e| {
@@ -637,6 +634,31 @@ async fn execute(
             Ok(reply)
         }
     }
+}
+
+/// For a request that changes the replica: holds the volume's IO gate
+/// shared and checks that this is still the volume's newest writing
+/// session. A newer session waits for the gate when it opens, so once it
+/// is open nothing from an older one lands.
+async fn newest_session(
+    session: &Session,
+) -> Result<tokio::sync::RwLockReadGuard<'_, ()>, RemoteError> {
+    let (replica, state) = volume_of(session)?;
+    let gate = state.io_gate.read().await;
+    if !session.is_newest() {
+        return Err(replaced(replica));
+    }
+    Ok(gate)
+}
+
+fn replaced(replica: &Replica) -> RemoteError {
+    RemoteError::new(
+        ErrorCode::StaleGeneration,
+        format!(
+            "volume {}: a newer session has replaced this one",
+            replica.name()
+        ),
+    )
 }
 
 fn volume_of(session: &Session) -> Result<(&Replica, &Arc<VolumeState>), RemoteError> {
