@@ -84,21 +84,7 @@ fn an_older_engine_stops_even_where_the_newer_one_has_not_reached() {
     let (ok, out) = qemu_io(&new.uri(), &["read -P 0x11 0 1M", "read -P 0x00 1M 64k"]);
     assert!(ok, "{out}");
     drop(new);
-    let out = shorthorn(&[
-        "replica",
-        "verify",
-        "split",
-        "--replica",
-        &r1.addr,
-        "--replica",
-        &r2.addr,
-    ]);
-    assert!(
-        out.status.success(),
-        "replicas differ after the rebuild:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_identical("split", &[&r1, &r2]);
 }
 
 /// The race, not the aftermath: the old engine is in the middle of writing
@@ -203,19 +189,5 @@ fn an_older_engine_busy_writing_when_a_newer_one_starts_lands_nothing_after() {
     qemu_io_ok(&new.uri(), &[&format!("read -P 0x59 0 {RANGE}")]);
     drop(new);
     // What the newer engine read is on both replicas, byte for byte.
-    let out = shorthorn(&[
-        "replica",
-        "verify",
-        "race",
-        "--replica",
-        &r1.addr,
-        "--replica",
-        &r2.addr,
-    ]);
-    assert!(
-        out.status.success(),
-        "the replicas differ:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_identical("race", &[&r1, &r2]);
 }

@@ -76,19 +76,6 @@ fn wait_healthy(dir: &Path, volume: &str, n: u64, within: Duration) {
 }
 
 /// The replicas hold identical bytes (read-only comparison, no engine).
-fn assert_identical(volume: &str, replicas: &[&Replica]) {
-    let mut args = vec!["replica", "verify", volume];
-    for r in replicas {
-        args.extend(["--replica", &r.addr]);
-    }
-    let out = shorthorn_within(STEP, &args);
-    assert!(
-        out.status.success(),
-        "replicas of {volume} differ:\n{}",
-        text(&out)
-    );
-}
-
 /// The daemon's log lines for engine sessions it accepted.
 fn attach_lines(replica: &Replica) -> Vec<String> {
     replica

@@ -24,20 +24,6 @@ fn wait_healthy(dir: &Path, volume: &str, n: u64) {
 }
 
 /// The replicas hold identical bytes (read-only comparison, no engine).
-fn assert_identical(volume: &str, replicas: &[&Replica]) {
-    let mut args = vec!["replica", "verify", volume];
-    for r in replicas {
-        args.extend(["--replica", &r.addr]);
-    }
-    let out = shorthorn(&args);
-    assert!(
-        out.status.success(),
-        "replicas of {volume} differ:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn replica_status(dir: &Path, volume: &str, addr: &str) -> serde_json::Value {
     let s = status_json(dir, volume);
     s["replicas"]

@@ -227,6 +227,22 @@ pub fn shorthorn_within(limit: Duration, args: &[&str]) -> Output {
         .expect("run shorthorn")
 }
 
+/// `shorthorn replica verify`: fails the test unless the volume's replicas
+/// on `replicas` hold the same bytes.
+pub fn assert_identical(volume: &str, replicas: &[&Replica]) {
+    let mut args = vec!["replica", "verify", volume];
+    for r in replicas {
+        args.extend(["--replica", r.addr.as_str()]);
+    }
+    let out = shorthorn_within(Duration::from_secs(120), &args);
+    assert!(
+        out.status.success(),
+        "replicas of {volume} differ:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// `shorthorn engine stop --daemon PATH VOLUME`.
 pub fn engine_stop(daemon: &Path, volume: &str) -> Output {
     shorthorn_within(
