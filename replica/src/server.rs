@@ -345,8 +345,15 @@ impl Conn {
         let state = self.session.state();
         let (ticket, answered) = match (&request, state) {
             (Request::MarkClean { bitmap }, Some(state)) => {
+                // The gate is held across the check and the clear: a newer
+                // session takes its number before it waits for the gate, so
+                // either this sees the number (or the waiting session) and
+                // refuses, or that session waits until the clear is done.
+                let gate = state.io_gate.try_read();
                 let reply = match io_replica(&self.session, false) {
-                    Ok(replica) if !self.session.is_newest() => Reply::Error(replaced(replica)),
+                    Ok(replica) if gate.is_err() || !self.session.is_newest() => {
+                        Reply::Error(replaced(replica))
+                    }
                     Ok(replica) => {
                         state.dirty().clear(bitmap);
                         // Written (not synced) once the regions' data is
@@ -355,9 +362,9 @@ impl Conn {
                         // compare, never data.
                         let (state, replica) = (state.clone(), replica.clone());
                         tokio::spawn(async move {
-                            let awaiting = state.dirty().clears_awaiting_flush();
+                            let ticket = state.dirty().flush_ticket();
                             match replica.flush().await {
-                                Ok(()) => state.dirty().data_flushed(&awaiting),
+                                Ok(()) => state.dirty().data_flushed(ticket),
                                 Err(e) => {
                                     warn!(volume = %replica.name(), error = %e, "flushing before writing dirty-map clears failed; the regions stay dirty on disk")
                                 }
@@ -370,6 +377,7 @@ impl Conn {
                     }
                     Err(e) => Reply::Error(e),
                 };
+                drop(gate);
                 (None, Some(reply))
             }
             (request, Some(state)) => match write_range(request) {
@@ -623,12 +631,12 @@ async fn execute(
             // A flush makes the data of regions cleared before it durable,
             // so their clears may reach the dirty map's file.
             let awaiting = match (&io, session.state()) {
-                (Request::Flush, Some(state)) => Some(state.dirty().clears_awaiting_flush()),
+                (Request::Flush, Some(state)) => Some(state.dirty().flush_ticket()),
                 _ => None,
             };
             let reply = execute_io(io, replica).await?;
-            if let (Some(awaiting), Some(state)) = (awaiting, session.state()) {
-                state.dirty().data_flushed(&awaiting);
+            if let (Some(ticket), Some(state)) = (awaiting, session.state()) {
+                state.dirty().data_flushed(ticket);
                 let _ = state.dirty().sync_clears().await;
             }
             Ok(reply)

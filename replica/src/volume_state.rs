@@ -212,6 +212,14 @@ pub struct DirtyMap {
     /// durable first, a power cut could drop a write from the disk's cache
     /// and the mark that sends its region to be compared, both at once.
     unflushed: Box<[AtomicU64]>,
+    /// Per word of `unflushed`: the number of the last clear in it. A flush
+    /// releases a word's clears only if they all came before it began: a
+    /// region cleared again during a flush (written, then clean again) may
+    /// hold a write that flush did not cover.
+    cleared_at: Box<[AtomicU64]>,
+    /// The next clear's number. Held while clearing and while releasing,
+    /// so the two never interleave.
+    next_clear: std::sync::Mutex<u64>,
     /// Serialises writes of the file, so an older picture never lands
     /// after a newer one.
     writer: tokio::sync::Mutex<()>,
@@ -250,6 +258,8 @@ impl DirtyMap {
             persisted: AtomicU64::new(0),
             clears_pending: AtomicBool::new(false),
             unflushed: (0..nwords).map(|_| AtomicU64::new(0)).collect(),
+            cleared_at: (0..nwords).map(|_| AtomicU64::new(0)).collect(),
+            next_clear: std::sync::Mutex::new(1),
             writer: tokio::sync::Mutex::new(()),
         };
         map.trim_tail();
@@ -328,6 +338,9 @@ impl DirtyMap {
     /// [`data_flushed`](Self::data_flushed)) — a clear lost in a crash only
     /// costs one extra compare.
     pub fn clear(&self, bitmap: &[u8]) {
+        let mut next = self.next_clear.lock().unwrap();
+        let number = *next;
+        *next += 1;
         for (i, byte) in bitmap.iter().enumerate() {
             if *byte == 0 {
                 continue;
@@ -337,29 +350,30 @@ impl DirtyMap {
                 break;
             }
             let mask = (*byte as u64) << ((i % 8) * 8);
-            self.words[word].fetch_and(!mask, Ordering::AcqRel);
+            self.cleared_at[word].store(number, Ordering::Release);
+            // Unflushed first: the file's picture never shows the region
+            // clean in between.
             self.unflushed[word].fetch_or(mask, Ordering::AcqRel);
+            self.words[word].fetch_and(!mask, Ordering::AcqRel);
         }
         self.clears_pending.store(true, Ordering::Release);
     }
 
-    /// The clears made so far whose data is not known to be durable: take
-    /// it before starting a flush of the replica's data, and hand it to
-    /// [`data_flushed`](Self::data_flushed) when that flush succeeded.
-    pub fn clears_awaiting_flush(&self) -> Vec<u64> {
-        self.unflushed
-            .iter()
-            .map(|w| w.load(Ordering::Acquire))
-            .collect()
+    /// Take it before starting a flush of the replica's data, and hand it
+    /// to [`data_flushed`](Self::data_flushed) when that flush succeeded:
+    /// it stands for the clears made so far.
+    pub fn flush_ticket(&self) -> u64 {
+        *self.next_clear.lock().unwrap()
     }
 
-    /// The data of the regions in `awaiting` (from
-    /// [`clears_awaiting_flush`](Self::clears_awaiting_flush), taken before
-    /// the flush began) is durable: their clears may reach the file.
-    pub fn data_flushed(&self, awaiting: &[u64]) {
-        for (w, bits) in self.unflushed.iter().zip(awaiting) {
-            if *bits != 0 {
-                w.fetch_and(!bits, Ordering::AcqRel);
+    /// A flush that began after `ticket` was taken succeeded: the clears
+    /// made before the ticket may reach the file, except in words cleared
+    /// again since (those wait for a later flush).
+    pub fn data_flushed(&self, ticket: u64) {
+        let _numbering = self.next_clear.lock().unwrap();
+        for (w, at) in self.unflushed.iter().zip(self.cleared_at.iter()) {
+            if at.load(Ordering::Acquire) < ticket && w.load(Ordering::Acquire) != 0 {
+                w.store(0, Ordering::Release);
                 self.clears_pending.store(true, Ordering::Release);
             }
         }
@@ -464,7 +478,7 @@ mod tests {
                 st.dirty().persist(t).await.unwrap();
             }
         }
-        let before_flush = st.dirty().clears_awaiting_flush();
+        let before_flush = st.dirty().flush_ticket();
         st.dirty().clear(&[0b0000_0101, 0b1000_0000]);
         assert_eq!(st.dirty().dirty_count(), 13);
         // Clears whose data is not flushed never reach the file.
@@ -473,18 +487,34 @@ mod tests {
         assert_eq!(reopened.dirty().dirty_count(), 16, "still dirty on disk");
         drop(reopened);
         // A flush that began before the clears does not cover them.
-        st.dirty().data_flushed(&before_flush);
+        st.dirty().data_flushed(before_flush);
         st.dirty().sync_clears().await.unwrap();
         let reopened = VolumeState::open(dir.path(), 16 * REGION_SIZE).unwrap();
         assert_eq!(reopened.dirty().dirty_count(), 16);
         drop(reopened);
-        // One that began after them does; a region written again after its
-        // clear stays dirty.
-        let awaiting = st.dirty().clears_awaiting_flush();
+        // A region written and cleared again while a flush runs: that flush
+        // may have missed the write, so the region stays dirty on disk.
+        let during = st.dirty().flush_ticket();
+        if let Some(t) = st.dirty().mark(0, 1) {
+            st.dirty().persist(t).await.unwrap();
+        }
+        st.dirty().clear(&[0b0000_0001]);
+        st.dirty().data_flushed(during);
+        st.dirty().sync_clears().await.unwrap();
+        let reopened = VolumeState::open(dir.path(), 16 * REGION_SIZE).unwrap();
+        assert_eq!(
+            reopened.dirty().dirty_count(),
+            16,
+            "cleared again during the flush"
+        );
+        drop(reopened);
+        // One that began after the clears covers them; a region written
+        // again after its clear stays dirty.
+        let awaiting = st.dirty().flush_ticket();
         if let Some(t) = st.dirty().mark(2 * REGION_SIZE, 1) {
             st.dirty().persist(t).await.unwrap();
         }
-        st.dirty().data_flushed(&awaiting);
+        st.dirty().data_flushed(awaiting);
         st.dirty().sync_clears().await.unwrap();
         drop(st);
         let st = VolumeState::open(dir.path(), 16 * REGION_SIZE).unwrap();
