@@ -434,6 +434,7 @@ fn engine_serve_fails_clearly_when_it_cannot_serve() {
     let sock = tmp.path().join("e.sock");
     let nbd = format!("unix:{}", sock.display());
     let closed = format!("127.0.0.1:{}", free_port());
+    let long_dir = tmp.path().join("d".repeat(120)).display().to_string();
 
     let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
         // A volume no replica has.
@@ -472,6 +473,12 @@ fn engine_serve_fails_clearly_when_it_cannot_serve() {
                 "/proc/shorthorn-run",
             ],
             vec!["--run-dir /proc/shorthorn-run", "control socket"],
+        ),
+        // A socket path longer than a unix socket can have: refused before
+        // the volume is attached (which would fence its previous engine).
+        (
+            vec!["real", "--replica", &r.addr, "--run-dir", &long_dir],
+            vec!["--run-dir", "at most 107 bytes"],
         ),
     ];
     for (extra, wants) in cases {

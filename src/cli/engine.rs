@@ -151,6 +151,21 @@ impl ServeArgs {
     }
 }
 
+/// Longest path a unix socket can be bound at: `sun_path` holds 108 bytes,
+/// the last one a NUL.
+const MAX_SOCKET_PATH: usize = 107;
+
+fn check_socket_path(path: &std::path::Path, what: &str) -> anyhow::Result<()> {
+    let len = path.as_os_str().len();
+    anyhow::ensure!(
+        len <= MAX_SOCKET_PATH,
+        "{what} would be {} ({len} bytes); a unix socket path can be at most \
+         {MAX_SOCKET_PATH} bytes long",
+        path.display()
+    );
+    Ok(())
+}
+
 /// Runs one volume's engine until `stop` resolves: attaches the volume,
 /// serves it over NBD and on its control socket, then flushes it. `ready`
 /// gets the NBD URI once clients can connect. The same code runs an engine
@@ -166,8 +181,14 @@ pub async fn run_engine(
         args.replicas.len()
     );
     super::distinct_replicas(&args.replicas).await?;
-    // Found out before the replicas are touched: the control socket goes
-    // here once the volume is attached.
+    // Found out before the replicas are touched: attaching fences the
+    // volume's previous engine, so this one must not fail after it for a
+    // socket it could never have made.
+    let control_path = args.run_dir.join(format!("{}.ctl", args.name));
+    check_socket_path(&control_path, "the control socket (--run-dir)")?;
+    if let NbdListen::Unix(path) = &args.nbd {
+        check_socket_path(path, "the NBD socket (--nbd)")?;
+    }
     std::fs::create_dir_all(&args.run_dir).with_context(|| {
         format!(
             "creating --run-dir {} for the engine's control socket",
@@ -196,7 +217,6 @@ pub async fn run_engine(
         max_connections: args.max_connections,
     };
     let backend = Arc::new(VolumeBackend::new(volume.clone()));
-    let control_path = args.run_dir.join(format!("{}.ctl", args.name));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
