@@ -362,9 +362,8 @@ impl Conn {
                         // compare, never data.
                         let (state, replica) = (state.clone(), replica.clone());
                         tokio::spawn(async move {
-                            let ticket = state.dirty().flush_ticket();
-                            match replica.flush().await {
-                                Ok(()) => state.dirty().data_flushed(ticket),
+                            match state.dirty().releasing_clears(replica.flush()).await {
+                                Ok(()) => {}
                                 Err(e) => {
                                     warn!(volume = %replica.name(), error = %e, "flushing before writing dirty-map clears failed; the regions stay dirty on disk")
                                 }
@@ -630,16 +629,17 @@ async fn execute(
             }
             // A flush makes the data of regions cleared before it durable,
             // so their clears may reach the dirty map's file.
-            let awaiting = match (&io, session.state()) {
-                (Request::Flush, Some(state)) => Some(state.dirty().flush_ticket()),
-                _ => None,
-            };
-            let reply = execute_io(io, replica).await?;
-            if let (Some(ticket), Some(state)) = (awaiting, session.state()) {
-                state.dirty().data_flushed(ticket);
-                let _ = state.dirty().sync_clears().await;
+            match (&io, session.state()) {
+                (Request::Flush, Some(state)) => {
+                    let reply = state
+                        .dirty()
+                        .releasing_clears(execute_io(io, replica))
+                        .await?;
+                    let _ = state.dirty().sync_clears().await;
+                    Ok(reply)
+                }
+                _ => execute_io(io, replica).await,
             }
-            Ok(reply)
         }
     }
 }

@@ -335,7 +335,7 @@ impl DirtyMap {
     /// Clears the regions set in `bitmap` (one bit per region, LSB first).
     /// In memory at once; the file catches up with the next persist or
     /// [`sync_clears`](Self::sync_clears) once the data is flushed (see
-    /// [`data_flushed`](Self::data_flushed)) — a clear lost in a crash only
+    /// [`releasing_clears`](Self::releasing_clears)) — a clear lost in a crash only
     /// costs one extra compare.
     pub fn clear(&self, bitmap: &[u8]) {
         let mut next = self.next_clear.lock().unwrap();
@@ -359,17 +359,30 @@ impl DirtyMap {
         self.clears_pending.store(true, Ordering::Release);
     }
 
-    /// Take it before starting a flush of the replica's data, and hand it
-    /// to [`data_flushed`](Self::data_flushed) when that flush succeeded:
-    /// it stands for the clears made so far.
-    pub fn flush_ticket(&self) -> u64 {
+    /// Runs `flush`, a flush of the replica's data; when it succeeds, the
+    /// clears made before it began may reach the file (with the next
+    /// persist or [`sync_clears`](Self::sync_clears)).
+    pub async fn releasing_clears<T, E>(
+        &self,
+        flush: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<T, E> {
+        let ticket = self.flush_ticket();
+        let flushed = flush.await;
+        if flushed.is_ok() {
+            self.data_flushed(ticket);
+        }
+        flushed
+    }
+
+    /// Stands for the clears made so far: taken before a flush begins.
+    fn flush_ticket(&self) -> u64 {
         *self.next_clear.lock().unwrap()
     }
 
     /// A flush that began after `ticket` was taken succeeded: the clears
     /// made before the ticket may reach the file, except in words cleared
     /// again since (those wait for a later flush).
-    pub fn data_flushed(&self, ticket: u64) {
+    fn data_flushed(&self, ticket: u64) {
         let _numbering = self.next_clear.lock().unwrap();
         for (w, at) in self.unflushed.iter().zip(self.cleared_at.iter()) {
             if at.load(Ordering::Acquire) < ticket && w.load(Ordering::Acquire) != 0 {
