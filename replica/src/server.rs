@@ -362,11 +362,8 @@ impl Conn {
                         // compare, never data.
                         let (state, replica) = (state.clone(), replica.clone());
                         tokio::spawn(async move {
-                            match state.dirty().releasing_clears(replica.flush()).await {
-                                Ok(()) => {}
-                                Err(e) => {
-                                    warn!(volume = %replica.name(), error = %e, "flushing before writing dirty-map clears failed; the regions stay dirty on disk")
-                                }
+                            if let Err(e) = state.dirty().releasing_clears(replica.flush()).await {
+                                warn!(volume = %replica.name(), error = %e, "flushing before writing dirty-map clears failed; the regions stay dirty on disk")
                             }
                             if let Err(e) = state.dirty().sync_clears().await {
                                 warn!(volume = %replica.name(), error = %e, "writing dirty-map clears failed");

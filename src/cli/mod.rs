@@ -16,7 +16,7 @@ pub mod volume;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use shorthorn_engine::ReplicaClient;
+use shorthorn_engine::{ClientError, ReplicaClient};
 use shorthorn_proto::{Generation, Reply, Request};
 use tracing_subscriber::EnvFilter;
 
@@ -74,13 +74,23 @@ pub async fn distinct_replicas(replicas: &[String]) -> anyhow::Result<()> {
 
 /// One management call on a replica daemon, over a fresh admin session.
 pub async fn admin_call(addr: &str, request: Request, timeout: Duration) -> anyhow::Result<Reply> {
+    match admin_try(addr, request, timeout).await? {
+        Ok(r) => Ok(r),
+        Err(e) => bail!("{e}"),
+    }
+}
+
+/// [`admin_call`], keeping the daemon's own error for callers that tell
+/// its kinds apart; only failing to reach the daemon is an `Err`.
+pub async fn admin_try(
+    addr: &str,
+    request: Request,
+    timeout: Duration,
+) -> anyhow::Result<Result<Reply, ClientError>> {
     let client = ReplicaClient::connect(addr, "shorthorn cli", "", Generation(0), timeout)
         .await
         .with_context(|| format!("replica daemon {addr}"))?;
     let reply = client.call(request).await;
     client.close("done");
-    match reply {
-        Ok(r) => Ok(r),
-        Err(e) => bail!("{e}"),
-    }
+    Ok(reply)
 }

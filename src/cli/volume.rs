@@ -4,8 +4,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
-use shorthorn_engine::ReplicaClient;
-use shorthorn_proto::{ErrorCode, Generation, Reply, Request, VolumeName};
+use shorthorn_proto::{ErrorCode, Reply, Request, VolumeName};
 
 use super::admin_call;
 use super::size::{human, parse_size};
@@ -142,16 +141,10 @@ async fn check_can_create(
     addr: &str,
     timeout: Duration,
 ) -> anyhow::Result<()> {
-    let client = ReplicaClient::connect(addr, "shorthorn cli", "", Generation(0), timeout)
-        .await
-        .with_context(|| format!("replica daemon {addr}"))?;
-    let reply = client
-        .call(Request::GetVolume {
-            name: name.to_string(),
-        })
-        .await;
-    client.close("done");
-    match reply {
+    let request = Request::GetVolume {
+        name: name.to_string(),
+    };
+    match super::admin_try(addr, request, timeout).await? {
         Ok(Reply::Volume(info)) if info.size != size => bail!(
             "{name} already exists there with size {} ({} bytes), not {} ({size} bytes); \
              nothing was created",
