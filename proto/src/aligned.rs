@@ -44,6 +44,9 @@ const POOL_MAX: usize = 512;
 const LARGE_POOL_BYTES: usize = 9 << 20;
 /// Larger buffers than this go back to the allocator.
 const LARGE_MAX: usize = 1 << 20;
+/// Larger buffers kept at most, whatever their size, so that finding one
+/// of a given size stays a short scan.
+const LARGE_ENTRIES: usize = 128;
 
 struct Pool {
     /// Addresses of one-block buffers.
@@ -80,7 +83,7 @@ impl Pool {
         if cap > LARGE_MAX {
             return release(cap, addr);
         }
-        while self.large_bytes + cap > LARGE_POOL_BYTES {
+        while self.large_bytes + cap > LARGE_POOL_BYTES || self.large.len() >= LARGE_ENTRIES {
             let Some((old, old_addr)) = self.large.pop_front() else {
                 break;
             };
@@ -394,8 +397,16 @@ mod tests {
         }
         assert!(pool.large_bytes <= LARGE_POOL_BYTES);
         assert_eq!(pool.large_bytes, pool.large.len() * cap);
+        assert!(pool.large.len() < addrs.len());
         assert_eq!(pool.large.back(), Some(&(cap, *addrs.last().unwrap())));
         assert!(!pool.large.iter().any(|&(_, x)| x == addrs[0]));
+        // Many small ones: the count is bounded too.
+        let two = 2 * IO_ALIGN;
+        for _ in 0..LARGE_ENTRIES + 10 {
+            pool.keep(two, new(two));
+        }
+        assert!(pool.large.len() <= LARGE_ENTRIES);
+        assert_eq!(pool.large.back().map(|e| e.0), Some(two));
         // Too big to keep: straight back to the allocator.
         let before = pool.large_bytes;
         pool.keep(2 * LARGE_MAX, new(2 * LARGE_MAX));
