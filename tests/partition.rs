@@ -129,6 +129,8 @@ impl Lab {
             &nbd,
             "--io-timeout",
             &timeout,
+            "--clean-after",
+            CLEAN_AFTER.1,
             "--run-dir",
             run_dir,
         ];

@@ -166,6 +166,50 @@ fn engine_killed_mid_write_is_reconciled_cheaply() {
     assert_identical("crash", &[&a, &b]);
 }
 
+/// `--clean-after` is how long a written region stays dirty: inside it an
+/// engine crash costs a compare of the region, after it nothing. The first
+/// engine keeps regions dirty for 30 s, so the crash 2.5 s after its write
+/// must compare what it wrote; the next cleans after 0.6 s (the tests'
+/// setting), so a crash 2.5 s after its write compares nothing.
+#[test]
+fn clean_after_decides_what_an_engine_crash_compares() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = Replica::start(&tmp.path().join("a"), "auto");
+    let b = Replica::start(&tmp.path().join("b"), "auto");
+    create_volume("window", "64MiB", &[&a, &b]);
+    let crash_after_writing = |engine: &mut Engine, at: &str| {
+        qemu_io_ok(&engine.uri(), &[&format!("write -P 0x3c {at} 8M"), "flush"]);
+        std::thread::sleep(Duration::from_millis(2500));
+        engine.proc.kill9();
+    };
+    let compared = || {
+        status_json(tmp.path(), "window")["reconcile"]["bytes_compared"]
+            .as_u64()
+            .unwrap()
+    };
+
+    let mut slow = Engine::start_with(tmp.path(), "window", &[&a, &b], &["--clean-after", "30s"]);
+    crash_after_writing(&mut slow, "0");
+    let mut quick = Engine::start(tmp.path(), "window", &[&a, &b]);
+    let kept_dirty = compared();
+    assert!(
+        kept_dirty >= 8 << 20,
+        "the regions written 2.5 s before the crash were cleaned despite \
+         --clean-after 30s: {kept_dirty} bytes compared"
+    );
+
+    crash_after_writing(&mut quick, "32M");
+    let engine = Engine::start(tmp.path(), "window", &[&a, &b]);
+    assert_eq!(
+        compared(),
+        0,
+        "regions idle for 2.5 s under --clean-after 600ms were still dirty"
+    );
+    qemu_io_ok(&engine.uri(), &["read -P 0x3c 0 8M", "read -P 0x3c 32M 8M"]);
+    drop(engine);
+    assert_identical("window", &[&a, &b]);
+}
+
 /// A replica down for a short while copies back only about what it
 /// missed, not the volume.
 #[test]

@@ -35,11 +35,17 @@ const HASH_CHUNK: u32 = 64 * 1024;
 /// How often the recovery loop looks at out replicas and cleans.
 const TICK: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
-/// A region is cleaned only after this many clean passes (of
-/// [`CLEAN_EVERY`] recovery ticks each) without a write: about a second.
-const CLEAN_MIN_IDLE_TICKS: u32 = 2;
 /// Recovery ticks per clean pass.
 const CLEAN_EVERY: u32 = 3;
+
+/// How many clean passes a region must go without a write before it is
+/// cleaned, for it to have been idle at least `clean_after`: a write lands
+/// anywhere between two passes, so one pass more than the window holds.
+fn clean_min_idle_passes(clean_after: Duration) -> u32 {
+    let pass = TICK * CLEAN_EVERY;
+    let passes = clean_after.as_nanos().div_ceil(pass.as_nanos());
+    u32::try_from(passes).unwrap_or(u32::MAX - 1) + 1
+}
 /// Regions a rebuild compares and copies at once.
 const REBUILD_PARALLEL: usize = 4;
 
@@ -202,7 +208,8 @@ impl Volume {
     async fn clean_idle_regions(&self) {
         self.clean(|| {
             self.tracker.tick();
-            self.tracker.take_cleanable(CLEAN_MIN_IDLE_TICKS)
+            self.tracker
+                .take_cleanable(clean_min_idle_passes(self.options.clean_after))
         })
         .await
     }
@@ -465,5 +472,36 @@ fn hash_list(r: Result<Reply, ClientError>, c: &ReplicaClient) -> Result<Vec<u64
     match r? {
         Reply::Hashes(h) => Ok(h),
         other => Err(c.unexpected(&other)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_region_is_cleaned_only_after_the_whole_window() {
+        let pass = TICK * CLEAN_EVERY;
+        for window_ms in [1, 599, 600, 601, 1000, 10_000, 30_000] {
+            let window = Duration::from_millis(window_ms);
+            let n = clean_min_idle_passes(window);
+            // Written just before a pass, cleaned `n` passes on: the
+            // shortest idle time a cleaned region can have had.
+            let shortest = pass * (n - 1);
+            assert!(
+                shortest >= window,
+                "{window:?}: cleaned after {n} passes, maybe only {shortest:?} idle"
+            );
+            assert!(
+                shortest < window + pass,
+                "{window:?}: {n} passes waits a whole pass longer than needed"
+            );
+        }
+        assert_eq!(
+            clean_min_idle_passes(pass),
+            2,
+            "as before the window was an option"
+        );
+        assert_eq!(clean_min_idle_passes(Duration::MAX), u32::MAX);
     }
 }

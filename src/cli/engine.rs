@@ -66,6 +66,13 @@ pub struct ServeArgs {
     /// `--io-timeout` in milliseconds, as earlier releases spelt it.
     #[arg(long, value_name = "MS", conflicts_with = "io_timeout", value_parser = clap::value_parser!(u64).range(1..))]
     pub io_timeout_ms: Option<u64>,
+    /// How long a region must go unwritten before the replicas are told it
+    /// is clean. A writer that comes back to a region within this time (a
+    /// database committing every few seconds) pays no dirty-map sync (a
+    /// disk cache flush on each replica) on its next write; a shorter time
+    /// leaves less to compare after an engine crash.
+    #[arg(long, value_name = "DURATION", default_value = "10s", env = "SHORTHORN_CLEAN_AFTER", value_parser = duration::parse_duration)]
+    pub clean_after: Duration,
     /// Most NBD client connections at once.
     #[arg(long, default_value_t = 16)]
     pub max_connections: usize,
@@ -139,6 +146,8 @@ impl ServeArgs {
             nbd,
             "--io-timeout".to_string(),
             duration::to_arg(self.io_timeout()),
+            "--clean-after".to_string(),
+            duration::to_arg(self.clean_after),
             "--max-connections".to_string(),
             self.max_connections.to_string(),
             "--run-dir".to_string(),
@@ -197,6 +206,7 @@ pub async fn run_engine(
     })?;
     let options = VolumeOptions {
         io_timeout: args.io_timeout(),
+        clean_after: args.clean_after,
         client_id: VolumeOptions::unique_client_id(args.name.as_str()),
         allow_missing_replicas: args.allow_missing_replicas,
     };

@@ -216,6 +216,12 @@ fn engine_control_of(dir: &Path) -> PathBuf {
     dir.with_extension("ctl")
 }
 
+/// Engines the tests start clean a region once it has gone unwritten for
+/// this long (`--clean-after`, 10s unless told), so that a test can wait
+/// for the regions it wrote to be clean in a couple of seconds. A test
+/// that gives `--clean-after` itself overrides it.
+pub const CLEAN_AFTER: (&str, &str) = ("SHORTHORN_CLEAN_AFTER", "600ms");
+
 /// Runs the `shorthorn` CLI to completion under `timeout`, so a hang fails
 /// the test instead of blocking it.
 pub fn shorthorn_within(limit: Duration, args: &[&str]) -> Output {
@@ -223,6 +229,7 @@ pub fn shorthorn_within(limit: Duration, args: &[&str]) -> Output {
         .arg(limit.as_secs().max(1).to_string())
         .arg(BIN)
         .args(args)
+        .env(CLEAN_AFTER.0, CLEAN_AFTER.1)
         .output()
         .expect("run shorthorn")
 }
@@ -380,6 +387,7 @@ fn now_ms() -> u128 {
 pub fn shorthorn(args: &[&str]) -> Output {
     Command::new(BIN)
         .args(args)
+        .env(CLEAN_AFTER.0, CLEAN_AFTER.1)
         .output()
         .expect("run shorthorn")
 }
@@ -448,7 +456,8 @@ impl Engine {
         let stamp = now_ms();
         let socket = dir.join(format!("{volume}-{stamp}.sock"));
         let mut cmd = Command::new(BIN);
-        cmd.args(["engine", "serve", volume, "--nbd"])
+        cmd.env(CLEAN_AFTER.0, CLEAN_AFTER.1)
+            .args(["engine", "serve", volume, "--nbd"])
             .arg(format!("unix:{}", socket.display()))
             .arg("--run-dir")
             .arg(dir);
