@@ -43,14 +43,27 @@ impl CpuSnapshot {
     /// processes (write-back, interrupts) counts as other; a job that only
     /// measures itself, on an idle machine, reads a few percent.
     pub fn others_share_since(&self, later: &CpuSnapshot) -> f64 {
+        let ours = (later.fio_s - self.fio_s) + (later.servers_s - self.servers_s);
+        let others = (later.machine_busy_s - self.machine_busy_s) - ours;
+        self.share_of_cores(later, others)
+    }
+
+    /// The share (0-1) of all the machine's CPU time since `self` that was
+    /// busy, whoever spent it. Near 1, a job was held back by the CPU, not
+    /// by the disk.
+    pub fn busy_share_since(&self, later: &CpuSnapshot) -> f64 {
+        self.share_of_cores(later, later.machine_busy_s - self.machine_busy_s)
+    }
+
+    /// `cpu_s` CPU seconds as a share of what every core could give
+    /// between `self` and `later`.
+    fn share_of_cores(&self, later: &CpuSnapshot, cpu_s: f64) -> f64 {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
         let wall = later.at.duration_since(self.at).as_secs_f64();
         if wall <= 0.0 {
             return 0.0;
         }
-        let ours = (later.fio_s - self.fio_s) + (later.servers_s - self.servers_s);
-        let others = (later.machine_busy_s - self.machine_busy_s) - ours;
-        (others / (wall * cores)).clamp(0.0, 1.0)
+        (cpu_s / (wall * cores)).clamp(0.0, 1.0)
     }
 
     /// CPU time per IO since `self`, in µs, of fio (with the bench, which
@@ -145,5 +158,9 @@ mod tests {
         let after = CpuSnapshot::take(&[]).unwrap();
         let share = before.others_share_since(&after);
         assert!((0.0..=1.0).contains(&share));
+        // This thread alone kept one core busy the whole time.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let busy = before.busy_share_since(&after);
+        assert!(busy <= 1.0 && busy >= 0.8 / cores, "busy {busy}");
     }
 }

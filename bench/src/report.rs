@@ -299,15 +299,22 @@ for the NBD client's). Where the bound itself misses the goal, no engine can mee
 machine.";
 
 /// The CPU table: per workload and target, the CPU time one IO cost the
-/// servers and fio (medians over the rounds), as `servers + fio` µs.
-pub fn render_cpu(servers: &Table, fio: &Table) -> String {
+/// servers and fio, as `servers + fio` µs, then how busy the machine's
+/// cores were meanwhile (medians over the rounds).
+pub fn render_cpu(servers: &Table, fio: &Table, busy: &Table) -> String {
     let mut lines = vec![servers.header()];
     for (w, _) in &servers.rows {
         // Every cell here is µs of CPU, whatever the workload's metric.
         let mut line = vec![w.shape_label().to_string()];
         for &t in &servers.targets {
             line.push(match (servers.get(*w, t), fio.get(*w, t)) {
-                (Some(s), Some(f)) => format!("{} + {}", three_digits(s), three_digits(f)),
+                (Some(s), Some(f)) => {
+                    let busy = busy
+                        .get(*w, t)
+                        .map(|b| format!(" · {:.0}%", b * 100.0))
+                        .unwrap_or_default();
+                    format!("{} + {}{busy}", three_digits(s), three_digits(f))
+                }
                 _ => "—".to_string(),
             });
         }
@@ -320,8 +327,10 @@ pub fn render_cpu(servers: &Table, fio: &Table) -> String {
 pub const CPU_LEGEND: &str = "Each cell: CPU time per IO in µs, servers + fio. Servers: every \
 process the bench started (nbdkit, replica daemons, engines) while the job ran; those not \
 serving the job's target sit idle. fio: the client's own side, the same work for every NBD \
-target. Ramp time included (IOs counted at the measured rate). On a cluster, shorthorn-2r's \
-replica daemon 2 runs on another node; here it shares these cores.";
+target. Ramp time included (IOs counted at the measured rate). After the dot: how busy the \
+machine's cores were during the job, as a share of all of them, counting every process and the \
+kernel; near 100% a row is held back by the CPU rather than the disk. On a cluster, \
+shorthorn-2r's replica daemon 2 runs on another node; here it shares these cores.";
 
 /// The peak-RSS table: one line per server process.
 pub fn render_rss(rows: &[(String, Option<u64>)]) -> String {
@@ -631,17 +640,22 @@ mod tests {
     fn the_cpu_table_adds_servers_and_fio() {
         let w = Workload::RandwriteIops;
         let targets = [TargetKind::Raw, TargetKind::Shorthorn2r];
-        let (mut servers, mut fio) = (Table::new(&[w], &targets), Table::new(&[w], &targets));
+        let table = || Table::new(&[w], &targets);
+        let (mut servers, mut fio, mut busy) = (table(), table(), table());
         servers.add(w, TargetKind::Raw, 0.01);
         fio.add(w, TargetKind::Raw, 6.54);
-        for (s, f) in [(24.0, 8.0), (30.0, 9.0), (20.0, 7.0)] {
+        for (s, f, b) in [(24.0, 8.0, 0.70), (30.0, 9.0, 0.81), (20.0, 7.0, 0.77)] {
             servers.add(w, TargetKind::Shorthorn2r, s);
             fio.add(w, TargetKind::Shorthorn2r, f);
+            busy.add(w, TargetKind::Shorthorn2r, b);
         }
-        let text = render_cpu(&servers, &fio);
-        assert!(text.contains("| 0.01 + 6.54 |"), "{text}");
+        let text = render_cpu(&servers, &fio, &busy);
+        // The raw job's busy share is missing: its cell shows no dot.
+        assert!(text.contains("| 0.01 + 6.54 "), "{text}");
+        assert!(!text.contains("6.54 ·"), "{text}");
         assert!(text.contains("| random write 4k QD64 |"), "{text}");
-        assert!(text.contains("| 24.0 + 8.00  |"), "{text}");
+        // Each part is its own median: 24 µs, 8 µs, 77%.
+        assert!(text.contains("| 24.0 + 8.00 · 77% |"), "{text}");
     }
 
     #[test]

@@ -23,6 +23,8 @@ struct Outcome {
     /// CPU µs per IO of the servers and of fio, per cell.
     cpu_servers: Table,
     cpu_fio: Table,
+    /// The share of all cores busy during each job, whoever used them.
+    cpu_busy: Table,
     rss: Vec<(String, Option<u64>)>,
     warnings: Vec<String>,
     /// Per measured job, `target workload` and the share of the machine's
@@ -72,7 +74,7 @@ pub fn run_blocking(args: &BenchArgs, shorthorn_exe: &Path, stop: &StopFlag) -> 
         })
         .unwrap_or_default();
     let trips = report::describe_trips(&outcome.trips);
-    let cpu = report::render_cpu(&outcome.cpu_servers, &outcome.cpu_fio);
+    let cpu = report::render_cpu(&outcome.cpu_servers, &outcome.cpu_fio, &outcome.cpu_busy);
     let rss = report::render_rss(&outcome.rss);
     println!(
         "\n{table}\n{}{goals}\n\nCPU time per IO:\n\n{cpu}\n{}\n\nPeak RSS of each server process:\n\n{rss}",
@@ -180,6 +182,7 @@ fn measure(
     let mut table = Table::new(&plan.workloads, &plan.targets);
     let mut cpu_servers = Table::new(&plan.workloads, &plan.targets);
     let mut cpu_fio = Table::new(&plan.workloads, &plan.targets);
+    let mut cpu_busy = Table::new(&plan.workloads, &plan.targets);
     let per_round = plan
         .workloads
         .iter()
@@ -231,6 +234,9 @@ fn measure(
                 let r = run_fio(&lab, &job, *kind, timeout, stop)?;
                 let after = CpuSnapshot::take(&lab.server_pids());
                 let others = before.zip(after).map(|(b, a)| b.others_share_since(&a));
+                if let Some((b, a)) = before.zip(after) {
+                    cpu_busy.add(workload, *kind, b.busy_share_since(&a));
+                }
                 let ios_per_s = r.read.iops + r.write.iops;
                 if let Some(cpu) = before
                     .zip(after)
@@ -280,6 +286,7 @@ fn measure(
         table,
         cpu_servers,
         cpu_fio,
+        cpu_busy,
         rss,
         warnings,
         others_cpu,
