@@ -427,6 +427,127 @@ fn volume_create_is_idempotent_and_refuses_bad_input_clearly() {
 }
 
 #[test]
+fn volume_delete_refuses_while_an_engine_serves_the_volume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let host = Replica::start_hosting(&tmp.path().join("r1"), "auto");
+    let other = Replica::start(&tmp.path().join("r2"), "auto");
+    let both = [&host, &other];
+    let delete = |name: &'static str| {
+        vec![
+            "volume",
+            "delete",
+            name,
+            "--replica",
+            &host.addr,
+            "--replica",
+            &other.addr,
+        ]
+    };
+    let pattern = ["write -P 0x5a 0 1M"];
+    let holds = ["read -P 0x5a 0 1M"];
+
+    // An engine process, reaching both replicas over TCP.
+    create_volume("apart", "16MiB", &both);
+    let mut engine = Engine::start(tmp.path(), "apart", &both);
+    qemu_io_ok(&engine.uri(), &pattern);
+    let out = refused(
+        &delete("apart"),
+        &["apart", "in use by engine", "engine stop"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    // Refused on the first replica asked, so neither lost anything.
+    qemu_io_ok(&engine.uri(), &holds);
+    assert_identical("apart", &both);
+    common::bad_input::stop(&mut engine);
+    let out = shorthorn(&delete("apart"));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("deleted apart"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    // An engine hosted in replica daemon 1, whose own replica it reaches
+    // in memory: refused the same way, by both daemons.
+    create_volume("hosted", "16MiB", &both);
+    let mut hosted = HostedEngine::start(&host, tmp.path(), "hosted", &both);
+    qemu_io_ok(&hosted.uri(), &pattern);
+    for r in both {
+        refused(
+            &["volume", "delete", "hosted", "--replica", &r.addr],
+            &["hosted", "in use by engine"],
+        );
+    }
+    qemu_io_ok(&hosted.uri(), &holds);
+    // Once the stop has returned, the engine has let go of the volume.
+    hosted.stop_ok();
+    let out = shorthorn(&delete("hosted"));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = shorthorn(&["volume", "list", "--replica", &host.addr]);
+    assert!(
+        !text(&out.stdout).contains("hosted"),
+        "{}",
+        text(&out.stdout)
+    );
+}
+
+#[test]
+fn a_data_directory_is_served_by_one_daemon_at_a_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("r1");
+    let mut first = Replica::start(&dir, "auto");
+    create_volume("kept", "16MiB", &[&first]);
+    let dir_arg = dir.to_str().unwrap();
+    let second_daemon = |dir: &str| {
+        let port = free_port().to_string();
+        let listen = format!("127.0.0.1:{port}");
+        // Bounded: a second daemon that is let in serves until killed.
+        shorthorn_within(
+            Duration::from_secs(20),
+            &["replica", "serve", "--data-dir", dir, "--listen", &listen],
+        )
+    };
+
+    // A second daemon on the same directory: refused, naming the holder.
+    let out = second_daemon(dir_arg);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("in use by another shorthorn process"), "{err}");
+    assert!(err.contains(&format!("pid {}", first.proc.pid())), "{err}");
+    // The first one never noticed.
+    let list = shorthorn(&["volume", "list", "--replica", &first.addr]);
+    assert!(
+        text(&list.stdout).contains("kept"),
+        "{}",
+        text(&list.stdout)
+    );
+
+    // The lock dies with its holder, however it ends: after kill -9 the
+    // directory is served again at once.
+    first.restart_after_kill9();
+    let list = shorthorn(&["volume", "list", "--replica", &first.addr]);
+    assert!(
+        text(&list.stdout).contains("kept"),
+        "{}",
+        text(&list.stdout)
+    );
+
+    // A file where the directory should be: said plainly, once.
+    let file = tmp.path().join("afile");
+    std::fs::write(&file, b"not a directory").unwrap();
+    let out = second_daemon(file.to_str().unwrap());
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("afile: not a directory"), "{err}");
+    assert_eq!(
+        err.to_lowercase().matches("not a directory").count(),
+        1,
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&file).unwrap(), b"not a directory");
+}
+
+#[test]
 fn engine_serve_fails_clearly_when_it_cannot_serve() {
     let tmp = tempfile::tempdir().unwrap();
     let r = Replica::start(&tmp.path().join("r1"), "auto");
@@ -435,6 +556,12 @@ fn engine_serve_fails_clearly_when_it_cannot_serve() {
     let nbd = format!("unix:{}", sock.display());
     let closed = format!("127.0.0.1:{}", free_port());
     let long_dir = tmp.path().join("d".repeat(120)).display().to_string();
+    let kept_dir = tmp.path().join("kept").display().to_string();
+    std::fs::create_dir(&kept_dir).unwrap();
+    let kept_ctl = Path::new(&kept_dir).join("real.ctl");
+    std::fs::write(&kept_ctl, b"keep me").unwrap();
+    let kept_file = tmp.path().join("kept.txt").display().to_string();
+    std::fs::write(&kept_file, b"keep me too").unwrap();
 
     let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
         // A volume no replica has.
@@ -480,6 +607,16 @@ fn engine_serve_fails_clearly_when_it_cannot_serve() {
             vec!["real", "--replica", &r.addr, "--run-dir", &long_dir],
             vec!["--run-dir", "at most 107 bytes"],
         ),
+        // A file where the control socket would go, or where its directory
+        // would: refused, and the file left alone.
+        (
+            vec!["real", "--replica", &r.addr, "--run-dir", &kept_dir],
+            vec!["real.ctl", "exists and is not a socket"],
+        ),
+        (
+            vec!["real", "--replica", &r.addr, "--run-dir", &kept_file],
+            vec!["kept.txt is not a directory"],
+        ),
     ];
     for (extra, wants) in cases {
         let mut args = vec!["engine", "serve", "--nbd", &nbd, "--io-timeout-ms", "2000"];
@@ -504,6 +641,8 @@ fn engine_serve_fails_clearly_when_it_cannot_serve() {
             "a failed engine left its NBD socket answering"
         );
     }
+    assert_eq!(std::fs::read(&kept_ctl).unwrap(), b"keep me");
+    assert_eq!(std::fs::read(&kept_file).unwrap(), b"keep me too");
     // Bad arguments: usage errors naming the culprit.
     refused(
         &[

@@ -347,7 +347,7 @@ fn bad_engine_requests_are_refused_clearly_and_the_daemon_keeps_serving() {
         .expect("a second daemon on the same engine-control socket kept running");
     assert!(!status.success(), "the second daemon exited with {status}");
     assert!(
-        second.log_text().contains("another daemon serves"),
+        second.log_text().contains("already listening on"),
         "unclear refusal:\n{}",
         second.log_text()
     );
@@ -360,6 +360,31 @@ fn bad_engine_requests_are_refused_clearly_and_the_daemon_keeps_serving() {
         "a second daemon on the same control socket",
         0x05,
     );
+
+    // A control path naming a file that is not a socket (a slip of the
+    // finger): refused, and the file is left as it was.
+    let precious = tmp.path().join("precious.txt");
+    std::fs::write(&precious, b"keep me").unwrap();
+    let mut third = Proc::spawn(
+        "third daemon",
+        Command::new(BIN)
+            .args(["replica", "serve", "--data-dir"])
+            .arg(tmp.path().join("third"))
+            .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+            .arg("--engine-control")
+            .arg(&precious),
+        tmp.path().join("third.log"),
+    );
+    let status = third
+        .wait_exit(STEP)
+        .expect("a daemon given a regular file as its control socket kept running");
+    assert!(!status.success(), "the third daemon exited with {status}");
+    assert!(
+        third.log_text().contains("exists and is not a socket"),
+        "unclear refusal:\n{}",
+        third.log_text()
+    );
+    assert_eq!(std::fs::read(&precious).unwrap(), b"keep me");
 
     // A daemon that is not there.
     let out = shorthorn_within(

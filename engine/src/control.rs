@@ -26,7 +26,18 @@ impl ControlSocket {
     /// running has been fenced by this one's claim, so the status people
     /// want is this engine's), and one that lost the race must not.
     pub fn bind(path: &Path) -> std::io::Result<ControlSocket> {
-        let _ = std::fs::remove_file(path);
+        // Only a socket is taken over; a file given by mistake is left alone.
+        use std::os::unix::fs::FileTypeExt;
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path)?,
+            Ok(_) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    format!("{} exists and is not a socket", path.display()),
+                ))
+            }
+            Err(_) => {}
+        }
         JsonSocket::bind(path).map(ControlSocket)
     }
 
@@ -65,6 +76,15 @@ impl JsonSocket {
             listener,
             _cleanup: RemoveOnDrop::new(path.to_path_buf()),
         })
+    }
+
+    /// Binds at `path`, first removing a socket file there that nobody
+    /// answers on (left by a process that died). Refuses when someone still
+    /// answers, and when the path is anything but a socket: a file given by
+    /// mistake is never deleted.
+    pub fn take_over(path: &Path) -> std::io::Result<JsonSocket> {
+        crate::nbd::remove_stale_socket(path)?;
+        JsonSocket::bind(path)
     }
 
     /// Answers requests with `handle` until `shutdown` resolves.

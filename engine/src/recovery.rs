@@ -218,17 +218,21 @@ impl Volume {
     /// rebuilds them, one at a time, until the volume is dropped.
     pub(crate) fn spawn_recovery(self: Arc<Self>) {
         let weak = Arc::downgrade(&self);
+        let wake = self.wake.clone();
         drop(self);
         tokio::spawn(async move {
             let mut next_try: std::collections::HashMap<String, (Instant, Duration)> =
                 Default::default();
             let mut ticks: u32 = 0;
             loop {
-                let Some(v) = weak.upgrade() else { return };
+                // Waits holding no reference: a stopped engine's volume (and
+                // its sessions with the replicas) goes at once, not a tick
+                // later.
                 tokio::select! {
-                    _ = v.wake.notified() => {}
+                    _ = wake.notified() => {}
                     _ = tokio::time::sleep(TICK) => {}
                 }
+                let Some(v) = weak.upgrade() else { return };
                 if v.check_fenced().is_err() {
                     return;
                 }

@@ -64,8 +64,9 @@ pub struct Volume {
     version: AtomicU64,
     persisted_version: AtomicU64,
     membership: tokio::sync::Mutex<MembershipRecord>,
-    /// Wakes the recovery loop (a replica went out, or was added).
-    pub(crate) wake: Notify,
+    /// Wakes the recovery loop (a replica went out, or was added). Shared
+    /// so the loop can wait on it without keeping the volume alive.
+    pub(crate) wake: Arc<Notify>,
     pub(crate) stats: RecoveryStats,
 }
 
@@ -102,7 +103,7 @@ impl Volume {
                 epoch,
                 persisted_version: 0,
             }),
-            wake: Notify::new(),
+            wake: Arc::new(Notify::new()),
             stats: RecoveryStats::default(),
         }
     }

@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn, Instrument};
 
 use crate::storage::{Replica, StorageError, Store};
-use crate::volume_state::{VolumeState, REGION_SIZE};
+use crate::volume_state::{Attached, VolumeState, REGION_SIZE};
 
 /// The volumes' states (membership, dirty map), opened on first use and
 /// shared by every connection to the same volume.
@@ -126,8 +126,8 @@ impl Server {
                 warn!(%peer, "too many connections; closing the new one");
                 continue;
             };
-            if let Err(e) = stream.set_nodelay(true) {
-                debug!(%peer, error = %e, "cannot set TCP_NODELAY; closing");
+            if let Err(e) = stream.set_nodelay(true).and_then(|()| keep_alive(&stream)) {
+                debug!(%peer, error = %e, "cannot set the socket's options; closing");
                 continue;
             }
             let (rd, wr) = stream.into_split();
@@ -205,6 +205,9 @@ enum Session {
         generation: Generation,
         /// This session's number among the volume's writing sessions.
         session: u64,
+        /// A writing session counts as an engine using the volume while it
+        /// is open (dropped with the connection or local session).
+        _attached: Option<Attached>,
     },
 }
 
@@ -513,6 +516,7 @@ async fn open_session(
     let replica = store.get(&name).map_err(storage_error)?;
     let state = states.get(&replica)?;
     let mut session = 0;
+    let mut attached = None;
     if generation.0 > 0 {
         let _in_order = state.attaching.lock().await;
         replica
@@ -528,6 +532,7 @@ async fn open_session(
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel)
             + 1;
         drop(state.io_gate.write().await);
+        attached = Some(state.attach(session, format!("{client} at {generation}")));
         info!(volume = %name, %generation, %client, session, "engine attached");
     }
     let info = volume_info(&replica);
@@ -537,9 +542,42 @@ async fn open_session(
             state,
             generation,
             session,
+            _attached: attached,
         },
         welcome(Some(info)),
     ))
+}
+
+/// Probes an idle connection, so one whose peer vanished without closing
+/// it (its node lost power) is closed after about 80 s of silence,
+/// with its session: otherwise a dead engine would keep its volume in use.
+fn keep_alive(stream: &tokio::net::TcpStream) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fd = stream.as_raw_fd();
+    let set = |level, name, value: libc::c_int| {
+        // SAFETY: `fd` is an open socket for the call's duration, and the
+        // option's value is a c_int that outlives it.
+        let r = unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
+    // First probe after 30 s of silence, then every 10 s; 5 unanswered
+    // probes close the connection (80 s in all).
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 30)?;
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 10)?;
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 5)
 }
 
 async fn execute(
@@ -571,6 +609,20 @@ async fn execute(
         }
         Request::DeleteVolume { name } => {
             let name = parse_name(&name)?;
+            let replica = store.get(&name).map_err(storage_error)?;
+            // Held so no engine attaches between the check and the delete.
+            let state = states.get(&replica)?;
+            let _in_order = state.attaching.lock().await;
+            if let Some(engine) = state.engine() {
+                return Err(RemoteError::new(
+                    ErrorCode::Busy,
+                    format!(
+                        "volume {name} is in use by engine {engine}; stop that engine \
+                         (`shorthorn engine stop`, or end its process) before deleting the volume"
+                    ),
+                ));
+            }
+            drop(replica);
             store.delete_volume(&name).await.map_err(storage_error)?;
             states.forget(&name);
             info!(volume = %name, "volume deleted");

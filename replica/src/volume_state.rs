@@ -67,6 +67,23 @@ pub struct VolumeState {
     /// session number, and each would be refused, one as stale and the
     /// other as replaced.
     pub attaching: tokio::sync::Mutex<()>,
+    /// The engines whose writing sessions are open now, by session number:
+    /// who they said they are and their generation. A volume with one is
+    /// in use and is not deleted.
+    engines: Mutex<Vec<(u64, String)>>,
+}
+
+/// An open writing session, counted in its volume's state while it lives.
+pub struct Attached {
+    state: Arc<VolumeState>,
+    session: u64,
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        let mut engines = self.state.engines.lock().unwrap();
+        engines.retain(|(session, _)| *session != self.session);
+    }
 }
 
 impl VolumeState {
@@ -119,7 +136,27 @@ impl VolumeState {
             sessions: AtomicU64::new(0),
             io_gate: tokio::sync::RwLock::new(()),
             attaching: tokio::sync::Mutex::new(()),
+            engines: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Counts writing session `session` of `engine` (its client name and
+    /// generation, for messages) as open until the guard is dropped.
+    pub fn attach(self: &Arc<Self>, session: u64, engine: String) -> Attached {
+        self.engines.lock().unwrap().push((session, engine));
+        Attached {
+            state: self.clone(),
+            session,
+        }
+    }
+
+    /// The engine using this volume: the newest writing session's, while
+    /// it is open. Older sessions, superseded, can no longer write.
+    pub fn engine(&self) -> Option<String> {
+        let newest = self.sessions.load(Ordering::Acquire);
+        let engines = self.engines.lock().unwrap();
+        let (_, engine) = engines.iter().find(|(session, _)| *session == newest)?;
+        Some(engine.clone())
     }
 
     pub fn replica_id(&self) -> &str {

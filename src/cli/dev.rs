@@ -14,6 +14,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use shorthorn_engine::nbd::NbdListen;
 use shorthorn_proto::{Request, VolumeName};
+use shorthorn_replica::storage::store::DataDirLock;
 use tokio::process::{Child, Command};
 
 use super::size::{human, parse_size};
@@ -108,8 +109,10 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("creating {}", args.data_dir.display()))?;
+    super::volume::check_size(args.size)?;
+    // Held until every process below has stopped: a second `dev` on the
+    // same directory is refused before it touches the first one's logs.
+    let _claimed = DataDirLock::claim(&args.data_dir)?;
     let data_dir = args.data_dir.canonicalize()?;
     let logs = data_dir.join("logs");
     std::fs::create_dir_all(&logs)?;

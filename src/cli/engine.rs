@@ -11,7 +11,7 @@ use shorthorn_engine::control::ControlSocket;
 use shorthorn_engine::nbd::{NbdListen, NbdServer, NbdServerConfig};
 use shorthorn_engine::{Volume, VolumeBackend, VolumeOptions};
 use shorthorn_proto::VolumeName;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use super::{duration, host};
 
@@ -164,7 +164,11 @@ impl ServeArgs {
 /// the last one a NUL.
 const MAX_SOCKET_PATH: usize = 107;
 
+/// Refuses a socket path that could never be bound: too long, below
+/// something that is not a directory, or naming a file that is not a
+/// socket (which binding would have to delete).
 fn check_socket_path(path: &std::path::Path, what: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
     let len = path.as_os_str().len();
     anyhow::ensure!(
         len <= MAX_SOCKET_PATH,
@@ -172,6 +176,21 @@ fn check_socket_path(path: &std::path::Path, what: &str) -> anyhow::Result<()> {
          {MAX_SOCKET_PATH} bytes long",
         path.display()
     );
+    if let Some(dir) = path.parent().filter(|d| d.exists()) {
+        anyhow::ensure!(
+            dir.is_dir(),
+            "{what} would be {}, but {} is not a directory",
+            path.display(),
+            dir.display()
+        );
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        anyhow::ensure!(
+            meta.file_type().is_socket(),
+            "{what} would be {}, which exists and is not a socket; it is left alone",
+            path.display()
+        );
+    }
     Ok(())
 }
 
@@ -260,5 +279,28 @@ pub async fn run_engine(
     if let Err(e) = volume.flush().await {
         error!(volume = %args.name, error = %e, "final flush failed");
     }
+    release(volume, &args.name).await;
     Ok(())
 }
+
+/// Lets go of the volume and waits, for a while, until no task holds it
+/// any more: its sessions with the replicas close with it, so once a
+/// stop has returned, the replicas no longer count this engine as using
+/// the volume (which `volume delete` checks). Work that is still busy
+/// (a rebuild step) may hold it longer; the stop then says so and
+/// returns anyway.
+async fn release(volume: Arc<Volume>, name: &VolumeName) {
+    let weak = Arc::downgrade(&volume);
+    drop(volume);
+    let deadline = tokio::time::Instant::now() + RELEASE_WAIT;
+    while weak.strong_count() > 0 {
+        if tokio::time::Instant::now() >= deadline {
+            warn!(volume = %name, "the volume is still busy (a rebuild step?); it is let go when that ends");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// How long a stopping engine waits for its last tasks to let go.
+const RELEASE_WAIT: Duration = Duration::from_secs(10);

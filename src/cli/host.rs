@@ -222,17 +222,9 @@ fn reap(engines: &mut HashMap<VolumeName, Entry>) {
 }
 
 /// Binds the daemon's engine-control socket at `path`; refuses a socket
-/// another live daemon answers on.
+/// another live daemon answers on, and a path that is not a socket.
 pub fn bind_control(path: &Path) -> std::io::Result<JsonSocket> {
-    if std::os::unix::net::UnixStream::connect(path).is_ok() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::AddrInUse,
-            format!("another daemon serves {}", path.display()),
-        ));
-    }
-    // Nobody answers: a leftover from a daemon that died.
-    let _ = std::fs::remove_file(path);
-    JsonSocket::bind(path)
+    JsonSocket::take_over(path)
 }
 
 /// Serves engine-control requests on `socket` until `shutdown` resolves.

@@ -9,6 +9,7 @@ use clap::{Args, Subcommand};
 use shorthorn_engine::replica_client::register_local_replica;
 use shorthorn_replica::server::{Server, ServerConfig};
 use shorthorn_replica::storage::io::fault::{FaultControl, FaultyIo};
+use shorthorn_replica::storage::store::DataDirLock;
 use shorthorn_replica::storage::{open_io, DiskIo, IoEngineChoice, Store};
 use tokio::net::TcpListener;
 use tracing::{info, warn};
@@ -69,6 +70,8 @@ pub async fn run(command: ReplicaCommand) -> anyhow::Result<()> {
 }
 
 async fn serve_replicas(args: ServeArgs) -> anyhow::Result<()> {
+    // Held until the daemon exits: no second daemon serves this directory.
+    let _claimed = DataDirLock::claim(&args.data_dir)?;
     let io = open_io(args.io_engine).with_context(|| match args.io_engine {
         IoEngineChoice::Uring => "starting the uring IO engine: this kernel (or a seccomp \
                  profile around this process) refuses io_uring; use --io-engine auto or sync"

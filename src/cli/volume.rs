@@ -92,6 +92,14 @@ pub async fn run(command: VolumeCommand) -> anyhow::Result<()> {
     }
 }
 
+/// Refuses a size no volume can have, before anything is started.
+pub fn check_size(size: u64) -> anyhow::Result<()> {
+    if size == 0 || !size.is_multiple_of(4096) {
+        bail!("size must be a positive multiple of 4 KiB, got {size} bytes");
+    }
+    Ok(())
+}
+
 /// Creates the volume on every replica daemon; used by `volume create` and `dev`.
 pub async fn create(
     name: &VolumeName,
@@ -102,9 +110,7 @@ pub async fn create(
     if replicas.is_empty() || replicas.len() > 2 {
         bail!("a volume has 1 or 2 replicas; {} given", replicas.len());
     }
-    if size == 0 || !size.is_multiple_of(4096) {
-        bail!("size must be a positive multiple of 4 KiB, got {size} bytes");
-    }
+    check_size(size)?;
     super::distinct_replicas(replicas).await?;
     // Every daemon is asked first, so a size clash or an unreachable daemon
     // leaves nothing half-created.

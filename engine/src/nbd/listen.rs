@@ -181,7 +181,7 @@ impl Listener {
 /// Removes a socket file left behind by a server that is gone. Refuses (with
 /// `AddrInUse`) when a server still answers on it, and (with `AlreadyExists`)
 /// when the path is something other than a socket.
-fn remove_stale_socket(path: &Path) -> io::Result<()> {
+pub(crate) fn remove_stale_socket(path: &Path) -> io::Result<()> {
     let meta = match std::fs::symlink_metadata(path) {
         Ok(meta) => meta,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -199,7 +199,7 @@ fn remove_stale_socket(path: &Path) -> io::Result<()> {
             format!("a server is already listening on {}", path.display()),
         ));
     }
-    tracing::info!(socket = %path.display(), "removing stale NBD socket");
+    tracing::info!(socket = %path.display(), "removing a stale socket file");
     std::fs::remove_file(path)
 }
 

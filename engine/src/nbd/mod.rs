@@ -34,6 +34,7 @@ mod tests;
 use futures::future::BoxFuture;
 
 pub use error::NbdError;
+pub(crate) use listen::remove_stale_socket;
 pub use listen::{NbdListen, ParseListenError};
 pub use server::{serve, NbdServer, NbdServerConfig, HANDSHAKE_TIMEOUT, SHUTDOWN_GRACE};
 pub use transmission::{MAX_DISCARDED_WRITE, MAX_INFLIGHT_BYTES, MAX_INFLIGHT_REQUESTS};

@@ -3,19 +3,19 @@
 
 use shorthorn_proto::{ErrorCode, Generation};
 
+// The OS error is part of each message (the wire carries only the text),
+// so it is not also chained as a source: a chain would print it twice.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
-    #[error("{context}: {source}")]
+    #[error("{context}: {error}")]
     Io {
         context: String,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{context}: no space left on device")]
     NoSpace {
         context: String,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("IO of {len} bytes at offset {offset} is past the end of the {size}-byte volume")]
     OutOfRange { offset: u64, len: u64, size: u64 },
@@ -44,6 +44,9 @@ pub enum StorageError {
     /// The volume was deleted while a handle to it was still held.
     #[error("volume {0:?} was deleted")]
     Deleted(String),
+    /// Someone else holds what was asked for (a data directory).
+    #[error("{0}")]
+    InUse(String),
 }
 
 impl StorageError {
@@ -54,9 +57,15 @@ impl StorageError {
         if source.raw_os_error() == Some(libc::ENOSPC)
             || source.kind() == std::io::ErrorKind::StorageFull
         {
-            StorageError::NoSpace { context, source }
+            StorageError::NoSpace {
+                context,
+                error: source,
+            }
         } else {
-            StorageError::Io { context, source }
+            StorageError::Io {
+                context,
+                error: source,
+            }
         }
     }
 
@@ -69,6 +78,7 @@ impl StorageError {
             StorageError::NotFound(_) | StorageError::Deleted(_) => ErrorCode::NotFound,
             StorageError::AlreadyExists { .. } => ErrorCode::AlreadyExists,
             StorageError::Invalid(_) => ErrorCode::Invalid,
+            StorageError::InUse(_) => ErrorCode::Busy,
             StorageError::StaleGeneration { .. } | StorageError::GenerationTaken { .. } => {
                 ErrorCode::StaleGeneration
             }
@@ -90,6 +100,10 @@ mod tests {
         assert_eq!(e.code(), ErrorCode::NoSpace);
         let e = StorageError::io("write", std::io::Error::from_raw_os_error(libc::EIO));
         assert_eq!(e.code(), ErrorCode::Io);
+        // The OS error is said once, in the message, and not again as a
+        // source (which error reports print after the message).
+        assert_eq!(e.to_string().matches("os error 5").count(), 1, "{e}");
+        assert!(std::error::Error::source(&e).is_none());
         assert_eq!(
             StorageError::OutOfRange {
                 offset: 1,

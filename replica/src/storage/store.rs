@@ -22,11 +22,74 @@ use super::replica::{self, blocking, Replica};
 use super::units::BLOCK_SIZE;
 
 pub const VOLUMES_DIR: &str = "volumes";
+/// The file a daemon holds locked while it serves a data directory.
+pub const LOCK_FILE: &str = "daemon.lock";
 const CREATING_PREFIX: &str = ".tmp-";
 const DELETING_PREFIX: &str = ".del-";
 
 /// Largest volume accepted: 1 PiB, far below the kernel's `i64` offsets.
 pub const MAX_VOLUME_SIZE: u64 = 1 << 50;
+
+/// A data directory claimed by one process (a replica daemon, or `shorthorn
+/// dev` for its whole tree): an exclusive `flock` on `DATA/daemon.lock`,
+/// which names the holder's pid. Two daemons on one
+/// directory would each think they own its replicas (their generations,
+/// dirty maps and layers) and undo each other's fencing, so the second is
+/// refused. The kernel lets go of the lock when the holder exits, however
+/// it exits, so a crashed daemon never leaves its directory locked.
+pub struct DataDirLock {
+    _file: fs::File,
+}
+
+impl DataDirLock {
+    /// Claims `data_dir` (creating it if missing) for this process.
+    pub fn claim(data_dir: &Path) -> Result<DataDirLock, StorageError> {
+        use std::io::{Read, Seek, Write};
+        use std::os::fd::AsRawFd;
+        match fs::metadata(data_dir) {
+            Ok(m) if !m.is_dir() => {
+                return Err(StorageError::io(
+                    format!("data directory {}", data_dir.display()),
+                    std::io::ErrorKind::NotADirectory.into(),
+                ))
+            }
+            _ => fs::create_dir_all(data_dir)
+                .map_err(|e| StorageError::io(format!("creating {}", data_dir.display()), e))?,
+        }
+        let path = data_dir.join(LOCK_FILE);
+        let mut file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| StorageError::io(format!("opening {}", path.display()), e))?;
+        // SAFETY: flock on a descriptor `file` keeps open.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::WouldBlock {
+                return Err(StorageError::io(format!("locking {}", path.display()), e));
+            }
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = match holder.trim() {
+                "" => "another process".to_string(),
+                pid => format!("pid {pid}"),
+            };
+            return Err(StorageError::InUse(format!(
+                "data directory {} is in use by another shorthorn process ({holder}); \
+                 one directory is served by one process at a time",
+                data_dir.display()
+            )));
+        }
+        let pid = std::process::id().to_string();
+        file.set_len(0)
+            .and_then(|()| file.rewind())
+            .and_then(|()| file.write_all(pid.as_bytes()))
+            .map_err(|e| StorageError::io(format!("writing {}", path.display()), e))?;
+        Ok(DataDirLock { _file: file })
+    }
+}
 
 pub struct Store {
     volumes_dir: PathBuf,
