@@ -607,6 +607,17 @@ fn engine_serve_fails_clearly_when_it_cannot_serve() {
             vec!["real", "--replica", &r.addr, "--run-dir", &long_dir],
             vec!["--run-dir", "at most 107 bytes"],
         ),
+        // Two replicas at the volume's first start, one not answering: a
+        // node down, or a typo? The operator says which.
+        (
+            vec!["real", "--replica", &r.addr, "--replica", &closed],
+            vec![
+                "cannot be reached",
+                closed.as_str(),
+                "never been attached",
+                "--allow-missing-replicas",
+            ],
+        ),
         // A file where the control socket would go, or where its directory
         // would: refused, and the file left alone.
         (
@@ -643,6 +654,16 @@ fn engine_serve_fails_clearly_when_it_cannot_serve() {
     }
     assert_eq!(std::fs::read(&kept_ctl).unwrap(), b"keep me");
     assert_eq!(std::fs::read(&kept_file).unwrap(), b"keep me too");
+    // Said so, it starts on the one that answers; the other stays out.
+    let mut engine = Engine::start_with(
+        tmp.path(),
+        "real",
+        &[&r],
+        &["--replica", &closed, "--allow-missing-replicas"],
+    );
+    let status = status_json(tmp.path(), "real");
+    assert_eq!(status["healthy"], 1, "{status}");
+    common::bad_input::stop(&mut engine);
     // Bad arguments: usage errors naming the culprit.
     refused(
         &[

@@ -33,14 +33,16 @@ pub struct BenchArgs {
     /// nbdkit's file and the replica data all live here, on one filesystem.
     #[arg(long, default_value = "./shorthorn-data/bench")]
     pub dir: PathBuf,
-    /// Size of each target, e.g. 1GiB [default: 1GiB, 256MiB with --quick].
+    /// Size of each target, e.g. 1GiB: a whole number of MiB, at least 16
+    /// MiB [default: 1GiB, 256MiB with --quick].
     #[arg(long, value_parser = parse_size)]
     pub size: Option<u64>,
     /// Seconds each fio job runs before it starts measuring [default: 5,
     /// 0.5 with --quick].
     #[arg(long)]
     pub ramp_time_s: Option<f64>,
-    /// Seconds each fio job measures [default: 20, 2 with --quick].
+    /// Seconds each fio job measures, at least 0.5 [default: 20, 2 with
+    /// --quick].
     #[arg(long)]
     pub runtime_s: Option<f64>,
     /// A couple of seconds per job on small targets, to check the harness

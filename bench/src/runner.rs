@@ -37,6 +37,11 @@ struct Outcome {
 pub fn run_blocking(args: &BenchArgs, shorthorn_exe: &Path, stop: &StopFlag) -> anyhow::Result<()> {
     let mut plan = Plan::new(args)?;
     let versions = check_tools(&plan, shorthorn_exe)?;
+    anyhow::ensure!(
+        !plan.dir.exists() || plan.dir.is_dir(),
+        "--dir {} is not a directory",
+        plan.dir.display()
+    );
     std::fs::create_dir_all(&plan.dir)
         .with_context(|| format!("creating {}", plan.dir.display()))?;
     plan.dir = plan.dir.canonicalize()?;

@@ -7,8 +7,9 @@
 //! says who is healthy. Every replica it lists as healthy must be reachable
 //! (and at that epoch), or the engine refuses to start — one of them might
 //! hold writes the others miss — unless the operator says they are gone for
-//! good (`--allow-missing-replicas`). Everything else becomes "out" and is
-//! rebuilt in the background once the volume serves.
+//! good (`--allow-missing-replicas`). At the first start, before any epoch,
+//! every replica named must be reachable on the same terms. Everything else
+//! becomes "out" and is rebuilt in the background once the volume serves.
 
 use std::sync::Arc;
 
@@ -259,6 +260,25 @@ fn plan(
 
     if auth.epoch == 0 {
         // Never attached before: every replica is as empty as the others.
+        // One that does not answer may be down, or may be a mistyped
+        // address; nothing on the replicas tells which, and starting would
+        // make it a member. So the operator says.
+        if !unreachable.is_empty() && !options.allow_missing_replicas {
+            return Err(EngineError::Unsafe {
+                volume: vol,
+                detail: format!(
+                    "replica(s) {} cannot be reached, and the volume has never been attached, so \
+                     nothing tells a replica that is down from an address that is wrong. Check \
+                     --replica and bring them up, or pass --allow-missing-replicas to start \
+                     without them (they are rebuilt when they answer)",
+                    unreachable
+                        .iter()
+                        .map(|(addr, _)| addr.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            });
+        }
         for s in seen {
             slots.push(Arc::new(Slot::new(
                 &s.addr,

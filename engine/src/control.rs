@@ -69,6 +69,12 @@ impl JsonSocket {
     /// the caller decides whether to take a socket file over.
     pub fn bind(path: &Path) -> std::io::Result<JsonSocket> {
         if let Some(dir) = path.parent() {
+            if dir.exists() && !dir.is_dir() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::NotADirectory,
+                    format!("{} is not a directory", dir.display()),
+                ));
+            }
             std::fs::create_dir_all(dir)?;
         }
         let listener = UnixListener::bind(path)?;

@@ -80,9 +80,10 @@ pub struct ServeArgs {
     /// `shorthorn volume status|add-replica|remove-replica` talk to.
     #[arg(long, default_value = super::DEFAULT_RUN_DIR)]
     pub run_dir: PathBuf,
-    /// Start even though replicas the volume lists as up to date cannot be
-    /// reached. Only when they are gone for good: writes only they hold
-    /// would be lost.
+    /// Start even though replicas cannot be reached that the volume lists
+    /// as up to date, or, at its first start, any replica named. Only when
+    /// they are gone for good: writes only they hold would be lost. (At a
+    /// first start there are none yet; they are rebuilt when they answer.)
     #[arg(long)]
     pub allow_missing_replicas: bool,
 }
@@ -105,6 +106,7 @@ pub async fn run(command: EngineCommand) -> anyhow::Result<()> {
             )
             .await
             .with_context(|| format!("stopping the engine of {}", args.name))?;
+            println!("stopped the engine of {}; the volume is flushed", args.name);
             Ok(())
         }
     }

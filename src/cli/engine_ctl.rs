@@ -13,6 +13,7 @@ use super::size::human;
 
 #[derive(Args)]
 pub struct StatusArgs {
+    /// Volume whose running engine to ask.
     pub name: VolumeName,
     /// The engine's run directory (where NAME.ctl is).
     #[arg(long, default_value = super::DEFAULT_RUN_DIR)]
@@ -27,9 +28,11 @@ pub struct StatusArgs {
 
 #[derive(Args)]
 pub struct ReplicaChangeArgs {
+    /// Volume whose running engine makes the change.
     pub name: VolumeName,
-    /// The replica daemon (HOST:PORT) to add or remove.
-    #[arg(long)]
+    /// Replica daemon (HOST:PORT) whose replica of the volume is added or
+    /// removed.
+    #[arg(long, value_name = "HOST:PORT")]
     pub replica: String,
     /// The engine's run directory (where NAME.ctl is).
     #[arg(long, default_value = super::DEFAULT_RUN_DIR)]

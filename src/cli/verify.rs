@@ -47,7 +47,7 @@ pub struct VerifyArgs {
     /// reads measured about twice as fast as 4 MiB ones.
     #[arg(long, default_value = "1MiB", value_parser = parse_size)]
     pub chunk_size: u64,
-    /// Read requests in flight at once on each replica.
+    /// Read requests in flight at once on each replica, 1 to 64.
     #[arg(long, default_value_t = 4)]
     pub chunks_in_flight: usize,
     /// How long to wait for any one answer from a replica daemon.

@@ -37,7 +37,7 @@ pub struct CreateArgs {
     /// Replica daemon (HOST:PORT) to keep a replica; give it once or twice.
     #[arg(long = "replica", value_name = "HOST:PORT", required = true)]
     pub replicas: Vec<String>,
-    /// How long to wait for each daemon.
+    /// How long to wait for each daemon, in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     pub timeout_ms: u64,
 }
@@ -47,16 +47,20 @@ pub struct ListArgs {
     /// Replica daemon (HOST:PORT) to ask; repeat for several.
     #[arg(long = "replica", value_name = "HOST:PORT", required = true)]
     pub replicas: Vec<String>,
+    /// How long to wait for each daemon, in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     pub timeout_ms: u64,
 }
 
 #[derive(Args)]
 pub struct DeleteArgs {
+    /// Volume to delete, with its data. Refused while an engine serves it:
+    /// stop the engine first.
     pub name: VolumeName,
     /// Replica daemon (HOST:PORT) holding a replica; repeat for several.
     #[arg(long = "replica", value_name = "HOST:PORT", required = true)]
     pub replicas: Vec<String>,
+    /// How long to wait for each daemon, in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     pub timeout_ms: u64,
 }
@@ -95,7 +99,10 @@ pub async fn run(command: VolumeCommand) -> anyhow::Result<()> {
 /// Refuses a size no volume can have, before anything is started.
 pub fn check_size(size: u64) -> anyhow::Result<()> {
     if size == 0 || !size.is_multiple_of(4096) {
-        bail!("size must be a positive multiple of 4 KiB, got {size} bytes");
+        bail!(
+            "size must be a positive multiple of 4 KiB, got {size} bytes; sizes in KiB, \
+             MiB and GiB always are (10GB is 10^10 bytes, 10GiB is 10 x 2^30)"
+        );
     }
     Ok(())
 }
@@ -166,24 +173,28 @@ async fn check_can_create(
 }
 
 async fn list(replicas: &[String], timeout: Duration) -> anyhow::Result<()> {
+    // Every daemon is asked before anything is printed: no table is shown
+    // half-filled above an error.
+    let mut answers = Vec::new();
+    for addr in replicas {
+        match admin_call(addr, Request::ListVolumes, timeout).await? {
+            Reply::Volumes(list) => answers.push((addr, list)),
+            other => bail!("{addr}: unexpected answer {other:?}"),
+        }
+    }
     println!(
         "{:<22} {:<40} {:>12} {:>10}",
         "REPLICA", "VOLUME", "SIZE", "GENERATION"
     );
-    for addr in replicas {
-        match admin_call(addr, Request::ListVolumes, timeout).await? {
-            Reply::Volumes(list) => {
-                for v in list {
-                    println!(
-                        "{:<22} {:<40} {:>12} {:>10}",
-                        addr,
-                        v.name,
-                        human(v.size),
-                        v.generation.0
-                    );
-                }
-            }
-            other => bail!("{addr}: unexpected answer {other:?}"),
+    for (addr, list) in answers {
+        for v in list {
+            println!(
+                "{:<22} {:<40} {:>12} {:>10}",
+                addr,
+                v.name,
+                human(v.size),
+                v.generation.0
+            );
         }
     }
     Ok(())
