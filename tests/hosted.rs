@@ -330,26 +330,35 @@ fn bad_engine_requests_are_refused_clearly_and_the_daemon_keeps_serving() {
     );
     still_serves(&mut host, "malformed requests", 0x04);
 
-    // A second daemon given the same engine-control socket refuses to start.
-    let second_dir = tmp.path().join("second");
-    let mut second = Proc::spawn(
+    // A daemon given an engine-control path it must not take: it refuses
+    // to start, saying why.
+    let refused_daemon = |name: &str, control: &Path, says: &str| {
+        let mut daemon = Proc::spawn(
+            name,
+            Command::new(BIN)
+                .args(["replica", "serve", "--data-dir"])
+                .arg(tmp.path().join(name.replace(' ', "-")))
+                .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+                .arg("--engine-control")
+                .arg(control),
+            tmp.path().join(format!("{}.log", name.replace(' ', "-"))),
+        );
+        let status = daemon
+            .wait_exit(STEP)
+            .unwrap_or_else(|| panic!("the {name} kept running"));
+        assert!(!status.success(), "the {name} exited with {status}");
+        assert!(
+            daemon.log_text().contains(says),
+            "unclear refusal:\n{}",
+            daemon.log_text()
+        );
+    };
+
+    // The same engine-control socket as a live daemon's.
+    refused_daemon(
         "second daemon",
-        Command::new(BIN)
-            .args(["replica", "serve", "--data-dir"])
-            .arg(&second_dir)
-            .args(["--listen", &format!("127.0.0.1:{}", free_port())])
-            .arg("--engine-control")
-            .arg(host.engine_control()),
-        tmp.path().join("second.log"),
-    );
-    let status = second
-        .wait_exit(STEP)
-        .expect("a second daemon on the same engine-control socket kept running");
-    assert!(!status.success(), "the second daemon exited with {status}");
-    assert!(
-        second.log_text().contains("already listening on"),
-        "unclear refusal:\n{}",
-        second.log_text()
+        &host.engine_control(),
+        "already listening on",
     );
     assert!(
         host.engine_control().exists(),
@@ -361,29 +370,10 @@ fn bad_engine_requests_are_refused_clearly_and_the_daemon_keeps_serving() {
         0x05,
     );
 
-    // A control path naming a file that is not a socket (a slip of the
-    // finger): refused, and the file is left as it was.
+    // A file that is not a socket (a slip of the finger): left as it was.
     let precious = tmp.path().join("precious.txt");
     std::fs::write(&precious, b"keep me").unwrap();
-    let mut third = Proc::spawn(
-        "third daemon",
-        Command::new(BIN)
-            .args(["replica", "serve", "--data-dir"])
-            .arg(tmp.path().join("third"))
-            .args(["--listen", &format!("127.0.0.1:{}", free_port())])
-            .arg("--engine-control")
-            .arg(&precious),
-        tmp.path().join("third.log"),
-    );
-    let status = third
-        .wait_exit(STEP)
-        .expect("a daemon given a regular file as its control socket kept running");
-    assert!(!status.success(), "the third daemon exited with {status}");
-    assert!(
-        third.log_text().contains("exists and is not a socket"),
-        "unclear refusal:\n{}",
-        third.log_text()
-    );
+    refused_daemon("third daemon", &precious, "exists and is not a socket");
     assert_eq!(std::fs::read(&precious).unwrap(), b"keep me");
 
     // A daemon that is not there.
