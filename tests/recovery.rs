@@ -304,6 +304,32 @@ fn added_replica_is_rebuilt_online_and_joins() {
     ]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(&b.addr) && text.contains("healthy"), "{text}");
+
+    // The same daemon again under another name: refused, by its replica
+    // id, and the volume goes on serving from both (holding one replica
+    // twice, the engine would supersede its own session and stop IO).
+    let alias = b.addr.replace("127.0.0.1", "localhost");
+    let out = shorthorn(&[
+        "volume",
+        "add-replica",
+        "grow",
+        "--replica",
+        &alias,
+        "--run-dir",
+        tmp.path().to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "adding {alias} again succeeded");
+    assert!(
+        err.contains(&format!("already in this volume as {}", b.addr)),
+        "{err}"
+    );
+    qemu_io_ok(&engine.uri(), &["read -P 0x33 0 64M", "write -P 0x44 0 1M"]);
+    assert_eq!(
+        status_json(tmp.path(), "grow")["healthy"].as_u64(),
+        Some(2),
+        "the volume lost a replica"
+    );
     drop(engine);
     assert_identical("grow", &[&a, &b]);
 }
@@ -393,4 +419,58 @@ fn removed_replica_leaves_the_volume_serving_and_can_be_added_back() {
     );
     drop(engine);
     assert_identical("shrink", &[&a, &b]);
+}
+
+/// An engine does not start without a replica the membership lists as up
+/// to date, and says why it is missing: left off the command line, not
+/// answering, or deleted and created again (another replica id). Each
+/// could hold writes the others lack.
+#[test]
+fn an_engine_refuses_to_start_without_an_up_to_date_replica_and_says_why() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = Replica::start(&tmp.path().join("a"), "auto");
+    let mut b = Replica::start(&tmp.path().join("b"), "auto");
+    create_volume("kept", "16MiB", &[&a, &b]);
+    let mut engine = Engine::start(tmp.path(), "kept", &[&a, &b]);
+    qemu_io_ok(&engine.uri(), &["write -P 0x61 0 1M", "flush"]);
+    common::bad_input::stop(&mut engine);
+
+    let start = |replicas: &[&Replica]| {
+        let mut args = vec!["engine", "serve", "kept", "--nbd"];
+        let nbd = format!("unix:{}", tmp.path().join("refused.sock").display());
+        args.push(&nbd);
+        for r in replicas {
+            args.extend(["--replica", r.addr.as_str()]);
+        }
+        let out = shorthorn_within(Duration::from_secs(30), &args);
+        assert!(!out.status.success(), "the engine started");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let says = |err: &str, want: &str| {
+        assert!(err.contains(want), "did not say {want:?}:\n{err}");
+        assert!(err.contains("--allow-missing-replicas"), "{err}");
+    };
+    says(
+        &start(&[&a]),
+        &format!("{} is not named with --replica", b.addr),
+    );
+    b.proc.kill9();
+    says(&start(&[&a, &b]), &format!("{} cannot be reached", b.addr));
+    b.restart_after_kill9();
+    let delete = shorthorn(&["volume", "delete", "kept", "--replica", &b.addr]);
+    assert!(
+        delete.status.success(),
+        "{}",
+        String::from_utf8_lossy(&delete.stderr)
+    );
+    create_volume("kept", "16MiB", &[&b]);
+    says(&start(&[&a, &b]), "deleted and created again");
+
+    // The replica that was kept still holds the data, and once the
+    // operator says so the new one is rebuilt from it.
+    let engine = Engine::start_with(tmp.path(), "kept", &[&a, &b], &["--allow-missing-replicas"]);
+    qemu_io_ok(&engine.uri(), &["read -P 0x61 0 1M"]);
+    wait_healthy(tmp.path(), "kept", 2);
+    drop(engine);
+    assert_identical("kept", &[&a, &b]);
 }

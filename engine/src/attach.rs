@@ -29,10 +29,10 @@ use crate::volume::Volume;
 /// Dirty-region size the engine works in; replicas must agree.
 pub const REGION_SIZE: u64 = 2 << 20;
 
-struct Seen {
+pub(crate) struct Seen {
     addr: String,
     info: VolumeInfo,
-    state: WireState,
+    pub(crate) state: WireState,
 }
 
 impl Volume {
@@ -217,7 +217,9 @@ impl Volume {
     }
 }
 
-async fn look(
+/// What a replica says about itself, through a session that changes
+/// nothing (generation 0).
+pub(crate) async fn look(
     addr: &str,
     client: &str,
     volume: &str,
@@ -305,7 +307,18 @@ fn plan(
                 // Only allowed when the operator says it is gone for good;
                 // then it leaves the membership (brought back later, it is
                 // a new replica: `volume add-replica`, full rebuild).
-                missing.push(m.addr.clone());
+                let why = if let Some(other) = seen.iter().find(|s| s.addr == m.addr) {
+                    format!(
+                        "{} answers with another replica (id {}, not {}): it was deleted and \
+                         created again",
+                        m.addr, other.state.replica_id, m.id
+                    )
+                } else if unreachable.iter().any(|(addr, _)| *addr == m.addr) {
+                    format!("{} cannot be reached", m.addr)
+                } else {
+                    format!("{} is not named with --replica", m.addr)
+                };
+                missing.push(why);
             }
             (_, Some(s)) => {
                 // Out, being rebuilt, or behind on membership: rebuilt later.
@@ -333,15 +346,16 @@ fn plan(
             return Err(EngineError::Unsafe {
                 volume: vol,
                 detail: format!(
-                    "replica(s) {} hold every acknowledged write (membership epoch {}) but cannot be \
-                     reached; starting without them could lose writes only they have. Bring them \
-                     back, or pass --allow-missing-replicas if they are gone for good",
-                    missing.join(", "),
-                    auth.epoch
+                    "the volume's membership (epoch {}) lists replicas as holding every \
+                     acknowledged write that this start does not have: {}. Starting without them \
+                     could lose writes only they have. Name them and bring them back, or pass \
+                     --allow-missing-replicas if they are gone for good",
+                    auth.epoch,
+                    missing.join("; ")
                 ),
             });
         }
-        warn!(volume = %name, missing = %missing.join(", "), "starting without up-to-date replicas, as asked");
+        warn!(volume = %name, missing = %missing.join("; "), "starting without up-to-date replicas, as asked");
     }
     if healthy.is_empty() {
         return Err(EngineError::Unsafe {

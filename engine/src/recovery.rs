@@ -429,6 +429,28 @@ impl Volume {
                 detail: format!("{addr} is already a replica of this volume"),
             });
         }
+        // The same daemon may go by another name (localhost, a DNS name):
+        // its replica id tells. A volume holding one replica twice would
+        // open two writing sessions on it, each superseding the other.
+        if let Ok(seen) = crate::attach::look(
+            addr,
+            &self.options.client_id,
+            self.name.as_str(),
+            self.options.io_timeout,
+        )
+        .await
+        {
+            let id = &seen.state.replica_id;
+            if let Some(same) = self.slots.load().iter().find(|s| s.id() == *id) {
+                return Err(EngineError::Membership {
+                    volume: self.name.to_string(),
+                    detail: format!(
+                        "{addr} is the replica daemon already in this volume as {}",
+                        same.addr
+                    ),
+                });
+            }
+        }
         let slot = Arc::new(Slot::new(addr, "", MemberState::Out));
         let mut next: Vec<Arc<Slot>> = self.slots.load().iter().cloned().collect();
         next.push(slot);
