@@ -474,3 +474,53 @@ fn an_engine_refuses_to_start_without_an_up_to_date_replica_and_says_why() {
     drop(engine);
     assert_identical("kept", &[&a, &b]);
 }
+
+/// What a rebuild copied, and what was written just before a clean stop,
+/// is not compared again at the next start: once the replicas are
+/// identical and idle, their dirty maps are cleared (a full rebuild left
+/// the whole volume dirty, and the next start read it all again).
+#[test]
+fn a_rebuild_or_a_clean_stop_leaves_nothing_to_compare_at_the_next_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = Replica::start(&tmp.path().join("a"), "auto");
+    let b = Replica::start(&tmp.path().join("b"), "auto");
+    create_volume("mend", "64MiB", &[&a]);
+    let compared = || {
+        status_json(tmp.path(), "mend")["reconcile"]["bytes_compared"]
+            .as_u64()
+            .unwrap()
+    };
+
+    let mut engine = Engine::start(tmp.path(), "mend", &[&a]);
+    qemu_io_ok(&engine.uri(), &["write -P 0x71 0 48M", "flush"]);
+    // Cleaned before the rebuild starts: what is dirty after it, the
+    // rebuild's own copies made so.
+    std::thread::sleep(Duration::from_millis(2500));
+    add_replica(tmp.path(), "mend", &b.addr);
+    wait_healthy(tmp.path(), "mend", 2);
+    // Past the tests' clean-after (600 ms): the rebuilt regions are idle.
+    std::thread::sleep(Duration::from_millis(2500));
+    common::bad_input::stop(&mut engine);
+    let mut engine = Engine::start(tmp.path(), "mend", &[&a, &b]);
+    assert_eq!(
+        compared(),
+        0,
+        "the start after a full rebuild compared again"
+    );
+
+    // Written, flushed and stopped at once, well inside clean-after.
+    qemu_io_ok(&engine.uri(), &["write -P 0x72 16M 8M", "flush"]);
+    common::bad_input::stop(&mut engine);
+    let engine = Engine::start(tmp.path(), "mend", &[&a, &b]);
+    assert_eq!(compared(), 0, "the start after a clean stop compared again");
+    qemu_io_ok(
+        &engine.uri(),
+        &[
+            "read -P 0x71 0 16M",
+            "read -P 0x72 16M 8M",
+            "read -P 0x71 24M 24M",
+        ],
+    );
+    drop(engine);
+    assert_identical("mend", &[&a, &b]);
+}

@@ -27,7 +27,7 @@ use tracing::{info, warn};
 use crate::error::EngineError;
 use crate::replica_client::{ClientError, ReplicaClient};
 use crate::slot::Slot;
-use crate::tracker::{set_regions, union};
+use crate::tracker::{bitmap_of, set_regions, union};
 use crate::volume::Volume;
 
 /// Chunk size for hash comparison within a region.
@@ -214,6 +214,13 @@ impl Volume {
         .await
     }
 
+    /// Cleans every region written since the last clean, at once: for an
+    /// engine that is stopping, after its last flush, with no IO left in
+    /// flight. The next start then has nothing to compare.
+    pub async fn clean_at_stop(&self) {
+        self.clean(|| self.tracker.take_cleanable(0)).await
+    }
+
     /// Starts the loop that cleans, retries out replicas with backoff and
     /// rebuilds them, one at a time, until the volume is dropped.
     pub(crate) fn spawn_recovery(self: Arc<Self>) {
@@ -366,6 +373,7 @@ impl Volume {
         } else {
             (0..self.tracker.regions()).collect()
         };
+        let rebuilt = bitmap_of(&regions);
         let rs = self.tracker.region_size();
         let p = &slot.progress;
         p.total.store(regions.len() as u64 * rs, Ordering::Relaxed);
@@ -409,6 +417,12 @@ impl Volume {
         }
         drop(copies);
         client.call_done(Request::Flush).await?;
+        // The copies marked their regions dirty on the rebuilt replica, and
+        // the source's may be dirty from the writes it missed. Counted as
+        // written, they are cleaned on every replica once idle, like a
+        // client's writes: otherwise the next engine start would compare
+        // them all again (after a full rebuild, the whole volume).
+        self.tracker.retouch(&rebuilt);
         let secs = started.elapsed().as_secs_f64().max(1e-6);
         let scanned = p.scanned.load(Ordering::Relaxed);
         info!(

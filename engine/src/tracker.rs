@@ -130,6 +130,16 @@ pub fn set_regions(bitmap: &[u8]) -> impl Iterator<Item = u64> + '_ {
     })
 }
 
+/// The bitmap (one bit per region, LSB first) of `regions`.
+pub fn bitmap_of(regions: &[u64]) -> Vec<u8> {
+    let len = regions.iter().max().map_or(0, |r| *r as usize / 8 + 1);
+    let mut out = vec![0u8; len];
+    for &r in regions {
+        out[r as usize / 8] |= 1 << (r % 8);
+    }
+    out
+}
+
 /// Bitwise OR of two bitmaps (the longer length wins).
 pub fn union(a: &[u8], b: &[u8]) -> Vec<u8> {
     let mut out = vec![0u8; a.len().max(b.len())];
@@ -142,6 +152,15 @@ pub fn union(a: &[u8], b: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bitmap_of_regions_holds_exactly_them() {
+        let regions = [0, 3, 8, 17];
+        let bitmap = bitmap_of(&regions);
+        assert_eq!(bitmap, vec![0b0000_1001, 0b0000_0001, 0b0000_0010]);
+        assert_eq!(set_regions(&bitmap).collect::<Vec<_>>(), regions);
+        assert!(bitmap_of(&[]).is_empty());
+    }
 
     #[test]
     fn only_idle_touched_regions_are_cleanable() {

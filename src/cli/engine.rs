@@ -278,8 +278,9 @@ pub async fn run_engine(
         Ok(Ok(())) => {}
     }
     info!(volume = %args.name, "stopping: flushing the volume");
-    if let Err(e) = volume.flush().await {
-        error!(volume = %args.name, error = %e, "final flush failed");
+    match volume.flush().await {
+        Ok(()) => volume.clean_at_stop().await,
+        Err(e) => error!(volume = %args.name, error = %e, "final flush failed"),
     }
     release(volume, &args.name).await;
     Ok(())
