@@ -330,6 +330,33 @@ fn added_replica_is_rebuilt_online_and_joins() {
         Some(2),
         "the volume lost a replica"
     );
+
+    // A daemon holding a volume of the same name and size that was used
+    // on its own (another history, someone's data): refused, not
+    // overwritten by a rebuild.
+    let c = Replica::start(&tmp.path().join("c"), "auto");
+    let apart = tmp.path().join("apart");
+    std::fs::create_dir(&apart).unwrap();
+    create_volume("grow", "256MiB", &[&c]);
+    let mut alone = Engine::start(&apart, "grow", &[&c]);
+    qemu_io_ok(&alone.uri(), &["write -P 0x5c 0 1M", "flush"]);
+    common::bad_input::stop(&mut alone);
+    let out = shorthorn(&[
+        "volume",
+        "add-replica",
+        "grow",
+        "--replica",
+        &c.addr,
+        "--run-dir",
+        tmp.path().to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "adding {} succeeded", c.addr);
+    assert!(err.contains("used apart from this one"), "{err}");
+    let alone = Engine::start(&apart, "grow", &[&c]);
+    qemu_io_ok(&alone.uri(), &["read -P 0x5c 0 1M"]);
+    drop(alone);
+
     drop(engine);
     assert_identical("grow", &[&a, &b]);
 }

@@ -455,12 +455,32 @@ impl Volume {
         .await
         {
             let id = &seen.state.replica_id;
-            if let Some(same) = self.slots.load().iter().find(|s| s.id() == *id) {
+            let slots = self.slots.load();
+            if let Some(same) = slots.iter().find(|s| s.id() == *id) {
                 return Err(EngineError::Membership {
                     volume: self.name.to_string(),
                     detail: format!(
                         "{addr} is the replica daemon already in this volume as {}",
                         same.addr
+                    ),
+                });
+            }
+            // A replica that has served writes in a history of its own
+            // (its membership names none of ours) holds someone's data:
+            // the full rebuild would overwrite it. One that was ours
+            // before (removed, now added back) names us, and a new one
+            // has no membership yet.
+            let theirs = &seen.state.membership;
+            let ours = |m: &shorthorn_proto::Member| slots.iter().any(|s| s.id() == m.id);
+            if theirs.epoch > 0 && !theirs.members.iter().any(ours) {
+                return Err(EngineError::Membership {
+                    volume: self.name.to_string(),
+                    detail: format!(
+                        "{addr} already holds a volume named {} that was used apart from this \
+                         one (its membership, epoch {}, names none of this volume's replicas); \
+                         adding it would overwrite that data. Delete it there first \
+                         (`shorthorn volume delete {} --replica {addr}`) if it is not needed",
+                        self.name, theirs.epoch, self.name
                     ),
                 });
             }
