@@ -24,6 +24,14 @@ fn wait_healthy(dir: &Path, volume: &str, n: u64) {
 }
 
 /// The replicas hold identical bytes (read-only comparison, no engine).
+/// Bytes the running engine of `volume` compared between its replicas
+/// when it started.
+fn reconcile_compared(dir: &Path, volume: &str) -> u64 {
+    status_json(dir, volume)["reconcile"]["bytes_compared"]
+        .as_u64()
+        .expect("the engine's status has reconcile.bytes_compared")
+}
+
 fn replica_status(dir: &Path, volume: &str, addr: &str) -> serde_json::Value {
     let s = status_json(dir, volume);
     s["replicas"]
@@ -182,11 +190,7 @@ fn clean_after_decides_what_an_engine_crash_compares() {
         std::thread::sleep(Duration::from_millis(2500));
         engine.proc.kill9();
     };
-    let compared = || {
-        status_json(tmp.path(), "window")["reconcile"]["bytes_compared"]
-            .as_u64()
-            .unwrap()
-    };
+    let compared = || reconcile_compared(tmp.path(), "window");
 
     let mut slow = Engine::start_with(tmp.path(), "window", &[&a, &b], &["--clean-after", "30s"]);
     crash_after_writing(&mut slow, "0");
@@ -512,11 +516,7 @@ fn a_rebuild_or_a_clean_stop_leaves_nothing_to_compare_at_the_next_start() {
     let a = Replica::start(&tmp.path().join("a"), "auto");
     let b = Replica::start(&tmp.path().join("b"), "auto");
     create_volume("mend", "64MiB", &[&a]);
-    let compared = || {
-        status_json(tmp.path(), "mend")["reconcile"]["bytes_compared"]
-            .as_u64()
-            .unwrap()
-    };
+    let compared = || reconcile_compared(tmp.path(), "mend");
 
     let mut engine = Engine::start(tmp.path(), "mend", &[&a]);
     qemu_io_ok(&engine.uri(), &["write -P 0x71 0 48M", "flush"]);

@@ -238,17 +238,14 @@ fn measure(
                 let before = CpuSnapshot::take(&lab.server_pids());
                 let r = run_fio(&lab, &job, *kind, timeout, stop)?;
                 let after = CpuSnapshot::take(&lab.server_pids());
-                let others = before.zip(after).map(|(b, a)| b.others_share_since(&a));
-                if let Some((b, a)) = before.zip(after) {
+                let span = before.zip(after);
+                let others = span.map(|(b, a)| b.others_share_since(&a));
+                if let Some((b, a)) = span {
                     cpu_busy.add(workload, *kind, b.busy_share_since(&a));
-                }
-                let ios_per_s = r.read.iops + r.write.iops;
-                if let Some(cpu) = before
-                    .zip(after)
-                    .and_then(|(b, a)| b.per_io_since(&a, ios_per_s))
-                {
-                    cpu_servers.add(workload, *kind, cpu.servers_us);
-                    cpu_fio.add(workload, *kind, cpu.fio_us);
+                    if let Some(cpu) = b.per_io_since(&a, r.read.iops + r.write.iops) {
+                        cpu_servers.add(workload, *kind, cpu.servers_us);
+                        cpu_fio.add(workload, *kind, cpu.fio_us);
+                    }
                 }
                 if let Some(share) = others {
                     others_cpu.push((format!("{} {}", kind.name(), workload.name()), share));

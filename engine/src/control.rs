@@ -27,16 +27,8 @@ impl ControlSocket {
     /// want is this engine's), and one that lost the race must not.
     pub fn bind(path: &Path) -> std::io::Result<ControlSocket> {
         // Only a socket is taken over; a file given by mistake is left alone.
-        use std::os::unix::fs::FileTypeExt;
-        match std::fs::symlink_metadata(path) {
-            Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path)?,
-            Ok(_) => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::AlreadyExists,
-                    format!("{} exists and is not a socket", path.display()),
-                ))
-            }
-            Err(_) => {}
+        if crate::nbd::socket_file_at(path)? {
+            std::fs::remove_file(path)?;
         }
         JsonSocket::bind(path).map(ControlSocket)
     }

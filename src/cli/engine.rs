@@ -170,7 +170,6 @@ const MAX_SOCKET_PATH: usize = 107;
 /// something that is not a directory, or naming a file that is not a
 /// socket (which binding would have to delete).
 fn check_socket_path(path: &std::path::Path, what: &str) -> anyhow::Result<()> {
-    use std::os::unix::fs::FileTypeExt;
     let len = path.as_os_str().len();
     anyhow::ensure!(
         len <= MAX_SOCKET_PATH,
@@ -186,13 +185,8 @@ fn check_socket_path(path: &std::path::Path, what: &str) -> anyhow::Result<()> {
             dir.display()
         );
     }
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        anyhow::ensure!(
-            meta.file_type().is_socket(),
-            "{what} would be {}, which exists and is not a socket; it is left alone",
-            path.display()
-        );
-    }
+    shorthorn_engine::nbd::socket_file_at(path)
+        .with_context(|| format!("{what} would be {}; it is left alone", path.display()))?;
     Ok(())
 }
 

@@ -178,20 +178,27 @@ impl Listener {
     }
 }
 
+/// Whether a socket file is at `path`: `false` when nothing is there, and an
+/// `AlreadyExists` error when something other than a socket is (a file
+/// named by mistake, never to be removed in a socket's place).
+pub fn socket_file_at(path: &Path) -> io::Result<bool> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => Ok(true),
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{} exists and is not a socket", path.display()),
+        )),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Removes a socket file left behind by a server that is gone. Refuses (with
 /// `AddrInUse`) when a server still answers on it, and (with `AlreadyExists`)
 /// when the path is something other than a socket.
 pub(crate) fn remove_stale_socket(path: &Path) -> io::Result<()> {
-    let meta = match std::fs::symlink_metadata(path) {
-        Ok(meta) => meta,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
-    };
-    if !meta.file_type().is_socket() {
-        return Err(io::Error::new(
-            io::ErrorKind::AlreadyExists,
-            format!("{} exists and is not a socket", path.display()),
-        ));
+    if !socket_file_at(path)? {
+        return Ok(());
     }
     if std::os::unix::net::UnixStream::connect(path).is_ok() {
         return Err(io::Error::new(

@@ -35,7 +35,7 @@ use futures::future::BoxFuture;
 
 pub use error::NbdError;
 pub(crate) use listen::remove_stale_socket;
-pub use listen::{NbdListen, ParseListenError};
+pub use listen::{socket_file_at, NbdListen, ParseListenError};
 pub use server::{serve, NbdServer, NbdServerConfig, HANDSHAKE_TIMEOUT, SHUTDOWN_GRACE};
 pub use transmission::{MAX_DISCARDED_WRITE, MAX_INFLIGHT_BYTES, MAX_INFLIGHT_REQUESTS};
 
