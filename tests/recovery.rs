@@ -506,6 +506,66 @@ fn an_engine_refuses_to_start_without_an_up_to_date_replica_and_says_why() {
     assert_identical("kept", &[&a, &b]);
 }
 
+/// Two replicas each served without the other (the operator's override
+/// on both sides) hold writes the other lacks: an engine named with both
+/// refuses, flag or not, rather than rebuild one over the other. Each keeps
+/// its own data, and the way out the refusal gives works: keep one, delete
+/// and create the other again, name both.
+#[test]
+fn replicas_served_apart_are_never_merged_at_a_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = Replica::start(&tmp.path().join("a"), "auto");
+    let mut b = Replica::start(&tmp.path().join("b"), "auto");
+    create_volume("apart", "16MiB", &[&a, &b]);
+    let mut engine = Engine::start(tmp.path(), "apart", &[&a, &b]);
+    qemu_io_ok(&engine.uri(), &["write -P 0x61 0 1M", "flush"]);
+    // b's daemon dies; the engine drops it and goes on with a alone.
+    b.proc.kill9();
+    qemu_io_ok(&engine.uri(), &["write -P 0x0a 0 1M", "flush"]);
+    common::bad_input::stop(&mut engine);
+    b.restart_after_kill9();
+    // Then b is started alone, a written off by the operator's override.
+    let mut engine = Engine::start_alone(tmp.path(), "apart", &b);
+    qemu_io_ok(&engine.uri(), &["write -P 0x0b 0 1M", "flush"]);
+    common::bad_input::stop(&mut engine);
+
+    for extra in [&[][..], &["--allow-missing-replicas"][..]] {
+        let mut args = vec!["engine", "serve", "apart", "--nbd"];
+        let nbd = format!("unix:{}", tmp.path().join("refused.sock").display());
+        args.push(&nbd);
+        args.extend(["--replica", a.addr.as_str(), "--replica", b.addr.as_str()]);
+        args.extend(extra);
+        let out = shorthorn_within(Duration::from_secs(30), &args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "the engine started with {extra:?}");
+        assert!(err.contains("served apart"), "{err}");
+        assert!(err.contains(&a.addr) && err.contains(&b.addr), "{err}");
+    }
+    // Neither was touched, and each starts alone without the override.
+    for (r, pattern) in [(&a, "0x0a"), (&b, "0x0b")] {
+        let mut engine = Engine::start(tmp.path(), "apart", &[r]);
+        qemu_io_ok(&engine.uri(), &[&format!("read -P {pattern} 0 1M")]);
+        common::bad_input::stop(&mut engine);
+    }
+
+    // Keep a: b is deleted and created again. a's membership still lists
+    // b's old replica (out) at the same address; the new one takes its
+    // place, once, and is rebuilt from a.
+    let delete = shorthorn(&["volume", "delete", "apart", "--replica", &b.addr]);
+    assert!(
+        delete.status.success(),
+        "{}",
+        String::from_utf8_lossy(&delete.stderr)
+    );
+    create_volume("apart", "16MiB", &[&b]);
+    let mut engine = Engine::start(tmp.path(), "apart", &[&a, &b]);
+    qemu_io_ok(&engine.uri(), &["read -P 0x0a 0 1M"]);
+    wait_healthy(tmp.path(), "apart", 2);
+    qemu_io_ok(&engine.uri(), &["write -P 0x0c 1M 1M", "flush"]);
+    common::bad_input::stop(&mut engine);
+    assert_identical("apart", &[&a, &b]);
+}
+
 /// What a rebuild copied, and what was written just before a clean stop,
 /// is not compared again at the next start: once the replicas are
 /// identical and idle, their dirty maps are cleared (a full rebuild left

@@ -295,6 +295,36 @@ fn plan(
         return Ok((slots, 0, healthy));
     }
 
+    let apart: Vec<String> = seen
+        .iter()
+        .filter(|s| !std::ptr::eq(*s, newest) && served_apart(&s.state, auth))
+        .map(|s| {
+            format!(
+                "{} (epoch {}: {})",
+                s.addr,
+                s.state.membership.epoch,
+                describe(&s.state.membership)
+            )
+        })
+        .collect();
+    if !apart.is_empty() {
+        return Err(EngineError::Unsafe {
+            volume: vol,
+            detail: format!(
+                "replicas named here were served apart from each other, so each may hold writes \
+                 the other lacks: the newest membership, on {} (epoch {}: {}), and {}. Starting \
+                 them together would rebuild one over the other and lose its writes, so no flag \
+                 overrides this. Start with only the replica whose data you keep; then delete \
+                 the volume on the other daemon (`shorthorn volume delete {name} --replica \
+                 ADDR`), create it there again and name both: it is rebuilt from the one kept",
+                newest.addr,
+                auth.epoch,
+                describe(auth),
+                apart.join("; ")
+            ),
+        });
+    }
+
     let mut missing = Vec::new();
     for m in &auth.members {
         let here = seen.iter().find(|s| s.state.replica_id == m.id);
@@ -328,6 +358,12 @@ fn plan(
                     // it restarts as a full one.
                     slots.last().unwrap().set_id("");
                 }
+            }
+            (_, None) if seen.iter().any(|s| s.addr == m.addr) => {
+                // Its daemon answers with another replica: deleted and
+                // created again. That one joins below as a new member; one
+                // address never gets two slots (two writing sessions on one
+                // replica would supersede each other).
             }
             (_, None) => {
                 slots.push(Arc::new(Slot::new(&m.addr, &m.id, MemberState::Out)));
@@ -373,4 +409,133 @@ fn plan(
         });
     }
     Ok((slots, auth.epoch, healthy))
+}
+
+/// Whether a replica's own membership shows it was served in a history
+/// apart from `newest`'s, rather than left behind by it. Under fencing only
+/// one engine writes each epoch, and a replica that was merely dropped,
+/// removed or interrupted still lists the replicas it last served with. So
+/// the two histories split when the same epoch was written twice, or when
+/// this replica last served with no replica the newest membership knows of,
+/// or when the newest membership no longer lists it while it was, in its
+/// own eyes, the only up-to-date one. Each split needs a start without some
+/// up-to-date replica (`--allow-missing-replicas`) on one side.
+fn served_apart(state: &WireState, newest: &Membership) -> bool {
+    let own = &state.membership;
+    let me = state.replica_id.as_str();
+    if own.epoch == 0 {
+        // Never attached: it holds no writes of its own.
+        return false;
+    }
+    if own.epoch == newest.epoch {
+        return own != newest;
+    }
+    let others = || {
+        own.members
+            .iter()
+            .filter(|m| m.id != me && !m.id.is_empty())
+    };
+    let knows_newest = others().any(|m| newest.member(&m.id).is_some());
+    let only_healthy = !others().any(|m| m.state == MemberState::Healthy);
+    !knows_newest || (newest.member(me).is_none() && only_healthy)
+}
+
+/// A membership in words for an operator: its replicas and their states.
+fn describe(m: &Membership) -> String {
+    m.members
+        .iter()
+        .map(|m| format!("{} {}", m.addr, m.state.as_str()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use MemberState::{Healthy as H, Out as O, Rebuilding as R};
+
+    /// A membership at `epoch` from (id, state) pairs; addresses follow ids.
+    fn m(epoch: u64, members: &[(&str, MemberState)]) -> Membership {
+        Membership {
+            epoch,
+            members: members
+                .iter()
+                .map(|(id, state)| shorthorn_proto::Member {
+                    id: id.to_string(),
+                    addr: format!("{id}:7700"),
+                    state: *state,
+                })
+                .collect(),
+        }
+    }
+
+    fn apart(id: &str, own: Membership, newest: &Membership) -> bool {
+        let state = WireState {
+            replica_id: id.to_string(),
+            membership: own,
+            region_size: REGION_SIZE,
+            dirty: Default::default(),
+        };
+        served_apart(&state, newest)
+    }
+
+    /// Histories that only left a replica behind: it is rebuilt, as before.
+    #[test]
+    fn a_replica_left_behind_is_not_taken_for_one_served_apart() {
+        // Never attached.
+        assert!(!apart("b", m(0, &[]), &m(3, &[("a", H), ("b", O)])));
+        // Dropped while the engine went on with a.
+        assert!(!apart(
+            "b",
+            m(2, &[("a", H), ("b", H)]),
+            &m(3, &[("a", H), ("b", O)])
+        ));
+        // Gone for good: a started alone, with the operator's override.
+        assert!(!apart("b", m(2, &[("a", H), ("b", H)]), &m(3, &[("a", H)])));
+        // Removed with remove-replica.
+        assert!(!apart("b", m(4, &[("a", H), ("b", H)]), &m(5, &[("a", H)])));
+        // Dropped again as its rebuild finished: it was the source then.
+        assert!(!apart(
+            "b",
+            m(4, &[("b", H), ("a", R)]),
+            &m(6, &[("a", H), ("b", O)])
+        ));
+        // Left behind twice over: a was replaced by c since.
+        assert!(!apart(
+            "b",
+            m(2, &[("a", H), ("b", H)]),
+            &m(7, &[("c", H), ("a", O), ("b", O)])
+        ));
+        // Same epoch, same membership: one history.
+        assert!(!apart(
+            "b",
+            m(3, &[("a", H), ("b", H)]),
+            &m(3, &[("a", H), ("b", H)])
+        ));
+        // A first start without it: its id was not known yet.
+        assert!(!apart("b", m(0, &[]), &m(1, &[("a", H), ("", O)])));
+    }
+
+    /// Histories that split: each side may hold writes the other lacks.
+    #[test]
+    fn replicas_served_apart_are_told_apart() {
+        // Each started alone with the override.
+        assert!(apart("b", m(3, &[("b", H)]), &m(5, &[("a", H)])));
+        // The same epoch written twice.
+        assert!(apart(
+            "b",
+            m(3, &[("b", H), ("a", O)]),
+            &m(3, &[("a", H), ("b", O)])
+        ));
+        // An engine went on with b after dropping a, then a started alone.
+        assert!(apart("b", m(3, &[("b", H), ("a", O)]), &m(5, &[("a", H)])));
+        // An engine went on with a after dropping b, then b started alone.
+        assert!(apart("b", m(3, &[("b", H)]), &m(5, &[("a", H), ("b", O)])));
+        // Both first started alone with the override.
+        assert!(apart(
+            "b",
+            m(1, &[("b", H), ("", O)]),
+            &m(2, &[("a", H), ("", O)])
+        ));
+    }
 }
