@@ -101,7 +101,13 @@ fn help_texts_name_every_flag() {
         ),
         (
             &["replica", "serve", "--help"],
-            &["--data-dir", "--listen", "--io-engine", "--max-connections"],
+            &[
+                "--data-dir",
+                "--listen",
+                "--io-engine",
+                "--max-connections",
+                "--over-provisioning",
+            ],
         ),
         (
             &["volume", "create", "--help"],
@@ -424,6 +430,90 @@ fn volume_create_is_idempotent_and_refuses_bad_input_clearly() {
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     listing(&["vol1", "vol2"]);
+}
+
+/// Volumes are thin, but their sizes together may not pass the daemon's
+/// disk (times `--over-provisioning`): a volume that does not fit is
+/// refused before it is promised space, a two-replica create refused by
+/// its second daemon leaves nothing behind on the first, and a size past
+/// what the filesystem can hold in one file says so.
+#[test]
+fn volume_create_refuses_what_the_disk_cannot_hold_and_leaves_nothing_half_created() {
+    let tmp = tempfile::tempdir().unwrap();
+    let plain = Replica::start(&tmp.path().join("plain"), "auto");
+    let half = Replica::start_with(
+        &tmp.path().join("half"),
+        "auto",
+        &["--over-provisioning", "50"],
+    );
+    let fs = nix::sys::statvfs::statvfs(tmp.path()).unwrap();
+    let disk = fs.blocks() as u64 * fs.fragment_size() as u64;
+    // Fits under 100% of the disk, not under 50%.
+    let three_quarters = (disk / 4 * 3 / 4096 * 4096).to_string();
+    let create = |name: &str, size: &str, replicas: &[&Replica]| {
+        let mut args = vec!["volume", "create", name, "--size", size];
+        for r in replicas {
+            args.extend(["--replica", r.addr.as_str()]);
+        }
+        shorthorn(&args)
+    };
+    let listed = |r: &Replica| {
+        let out = shorthorn(&["volume", "list", "--replica", &r.addr]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout)
+    };
+
+    let out = create("big", &three_quarters, &[&plain, &half]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "created on a daemon without room");
+    for want in [
+        "does not fit",
+        "50%",
+        "--over-provisioning",
+        "nothing was left created",
+    ] {
+        assert!(err.contains(want), "did not say {want:?}: {err}");
+    }
+    assert!(!listed(&plain).contains("big"), "{}", listed(&plain));
+
+    // Alone on the daemon that has room it fits; a second one does not.
+    let out = create("big", &three_quarters, &[&plain]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = create("again", &three_quarters, &[&plain]);
+    assert!(!out.status.success(), "over-provisioned past 100%");
+    assert!(
+        text(&out.stderr).contains("already claim"),
+        "{}",
+        text(&out.stderr)
+    );
+    // Deleting gives the room back.
+    let out = shorthorn(&["volume", "delete", "big", "--replica", &plain.addr]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = create("again", &three_quarters, &[&plain]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    // No limit: past the largest file ext4 holds (16 TiB with 4 KiB
+    // blocks), said in those words instead of the OS's "File too large".
+    let unlimited = Replica::start_with(
+        &tmp.path().join("none"),
+        "auto",
+        &["--over-provisioning", "0"],
+    );
+    let ext4 = nix::sys::statfs::statfs(tmp.path())
+        .unwrap()
+        .filesystem_type()
+        == nix::sys::statfs::EXT4_SUPER_MAGIC;
+    if ext4 {
+        let out = create("huge", "100TiB", &[&unlimited]);
+        assert!(!out.status.success(), "a 100 TiB volume was created");
+        assert!(
+            text(&out.stderr).contains("largest file"),
+            "{}",
+            text(&out.stderr)
+        );
+    }
+    let out = create("thin", &three_quarters, &[&unlimited]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
 }
 
 #[test]

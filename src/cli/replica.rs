@@ -9,7 +9,7 @@ use clap::{Args, Subcommand};
 use shorthorn_engine::replica_client::register_local_replica;
 use shorthorn_replica::server::{Server, ServerConfig};
 use shorthorn_replica::storage::io::fault::{FaultControl, FaultyIo};
-use shorthorn_replica::storage::store::DataDirLock;
+use shorthorn_replica::storage::store::{DataDirLock, DEFAULT_OVER_PROVISIONING};
 use shorthorn_replica::storage::{open_io, DiskIo, IoEngineChoice, Store};
 use tokio::net::TcpListener;
 use tracing::{info, warn};
@@ -53,6 +53,12 @@ pub struct ServeArgs {
     /// are known already.
     #[arg(long = "advertise", value_name = "HOST:PORT")]
     pub advertise: Vec<String>,
+    /// How much the volumes here may claim together, in percent of the
+    /// filesystem under the data directory. Volumes are thin (sparse
+    /// files), so more than 100 promises space the disk may not have:
+    /// writes then fail once it is really full. 0: no limit.
+    #[arg(long, value_name = "PERCENT", default_value_t = DEFAULT_OVER_PROVISIONING)]
+    pub over_provisioning: u32,
     /// Testing only: inject disk faults as this file says, re-read every
     /// 50 ms (`write=eio`, `read=enospc volume=v1`, ...; empty: none).
     #[arg(long, hide = true)]
@@ -87,8 +93,9 @@ async fn serve_replicas(args: ServeArgs) -> anyhow::Result<()> {
         Some(control) => Arc::new(FaultyIo::new(io, control.clone())),
         None => io,
     };
-    let store = Store::open(&args.data_dir, io)
+    let mut store = Store::open(&args.data_dir, io)
         .with_context(|| format!("opening data directory {}", args.data_dir.display()))?;
+    store.set_over_provisioning(args.over_provisioning);
     // Watched only once the store exists, so `volume=` names resolve
     // against the real data directory.
     let _fault_watcher = match (&args.fault_control_file, faults) {

@@ -47,23 +47,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     u64::try_from(bytes / scale).map_err(|_| too_large())
 }
 
-/// Formats bytes for people: `1.5 GiB`.
-pub fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i < UNITS.len() - 1 {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{bytes} B")
-    } else if v.fract() == 0.0 {
-        format!("{v:.0} {}", UNITS[i])
-    } else {
-        format!("{v:.1} {}", UNITS[i])
-    }
-}
+/// Formats bytes for people: `1.5 GiB` (the storage layer's own, so
+/// daemon and CLI messages read alike).
+pub use shorthorn_replica::storage::units::human;
 
 #[cfg(test)]
 mod tests {

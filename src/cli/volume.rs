@@ -126,16 +126,24 @@ pub async fn create(
             .await
             .with_context(|| format!("creating {name} on {addr}"))?;
     }
+    // A daemon can still refuse (its disk has no room for the volume):
+    // then the replicas this call created, new and empty, are removed again.
+    let mut created_here: Vec<&str> = Vec::new();
     for addr in replicas {
         let request = Request::CreateVolume {
             name: name.to_string(),
             size,
         };
-        let reply = admin_call(addr, request, timeout)
-            .await
-            .with_context(|| format!("creating {name} on {addr}"))?;
+        let reply = match admin_call(addr, request, timeout).await {
+            Ok(reply) => reply,
+            Err(e) => {
+                let e = e.context(format!("creating {name} on {addr}"));
+                return Err(undo_create(name, &created_here, timeout, e).await);
+            }
+        };
         match reply {
             Reply::Created { created: true, .. } => {
+                created_here.push(addr);
                 println!("created {name} ({}) on {addr}", human(size))
             }
             Reply::Created { created: false, .. } => {
@@ -145,6 +153,34 @@ pub async fn create(
         }
     }
     Ok(())
+}
+
+/// Deletes the replicas of `name` just created on `addrs`, and returns
+/// `error` saying what became of them.
+async fn undo_create(
+    name: &VolumeName,
+    addrs: &[&str],
+    timeout: Duration,
+    error: anyhow::Error,
+) -> anyhow::Error {
+    let mut left = Vec::new();
+    for addr in addrs {
+        let request = Request::DeleteVolume {
+            name: name.to_string(),
+        };
+        match admin_call(addr, request, timeout).await {
+            Ok(_) => println!("removed {name} from {addr} again"),
+            Err(e) => left.push(format!("{addr} ({e})")),
+        }
+    }
+    if left.is_empty() {
+        anyhow::anyhow!("{error:#}; nothing was left created")
+    } else {
+        anyhow::anyhow!(
+            "{error:#}; {name} is still created on {}: delete it there with `shorthorn volume delete`",
+            left.join(", ")
+        )
+    }
 }
 
 /// Fails when `addr` is unreachable or holds `name` with another size.

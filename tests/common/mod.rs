@@ -110,6 +110,12 @@ impl Replica {
         Self::start_at(dir, io_engine, &format!("127.0.0.1:{}", free_port()))
     }
 
+    /// A daemon started with `extra` flags of `replica serve`.
+    pub fn start_with(dir: &Path, io_engine: &str, extra: &[&str]) -> Replica {
+        let addr = format!("127.0.0.1:{}", free_port());
+        Self::spawn_at(dir, io_engine, &addr, &format!("replica {addr}"), extra)
+    }
+
     pub fn start_at(dir: &Path, io_engine: &str, addr: &str) -> Replica {
         Self::spawn_at(dir, io_engine, addr, &format!("replica {addr}"), &[])
     }

@@ -47,6 +47,9 @@ pub enum StorageError {
     /// Someone else holds what was asked for (a data directory).
     #[error("{0}")]
     InUse(String),
+    /// A new volume would not fit on this daemon's disk.
+    #[error("{0}")]
+    NoRoom(String),
 }
 
 impl StorageError {
@@ -79,6 +82,7 @@ impl StorageError {
             StorageError::AlreadyExists { .. } => ErrorCode::AlreadyExists,
             StorageError::Invalid(_) => ErrorCode::Invalid,
             StorageError::InUse(_) => ErrorCode::Busy,
+            StorageError::NoRoom(_) => ErrorCode::NoSpace,
             StorageError::StaleGeneration { .. } | StorageError::GenerationTaken { .. } => {
                 ErrorCode::StaleGeneration
             }

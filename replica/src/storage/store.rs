@@ -19,13 +19,19 @@ use super::io::DiskIo;
 use super::layer::{FileMode, LayerOpener};
 use super::meta::sync_dir;
 use super::replica::{self, blocking, Replica};
-use super::units::BLOCK_SIZE;
+use super::units::{human, BLOCK_SIZE};
 
 pub const VOLUMES_DIR: &str = "volumes";
 /// The file a daemon holds locked while it serves a data directory.
 pub const LOCK_FILE: &str = "daemon.lock";
 const CREATING_PREFIX: &str = ".tmp-";
 const DELETING_PREFIX: &str = ".del-";
+
+/// Volumes are thin (sparse files), but by default their sizes together may
+/// not exceed the filesystem holding them, so a volume cannot be promised
+/// space the node will never have (Longhorn's scheduler has the same rule,
+/// with the same knob).
+pub const DEFAULT_OVER_PROVISIONING: u32 = 100;
 
 /// Largest volume accepted: 1 PiB, far below the kernel's `i64` offsets.
 pub const MAX_VOLUME_SIZE: u64 = 1 << 50;
@@ -98,6 +104,9 @@ pub struct Store {
     volumes: RwLock<BTreeMap<VolumeName, Arc<Replica>>>,
     /// Serializes create and delete; the data path never takes it.
     admin: Mutex<()>,
+    /// How much the volumes here may claim together, in percent of the
+    /// filesystem under them; 0: no limit.
+    over_provisioning: u32,
 }
 
 impl Store {
@@ -176,7 +185,51 @@ impl Store {
             opener,
             volumes: RwLock::new(volumes),
             admin: Mutex::new(()),
+            over_provisioning: DEFAULT_OVER_PROVISIONING,
         })
+    }
+
+    /// Lets the volumes here claim together up to `percent` of the
+    /// filesystem under them (0: no limit). Only creating checks it.
+    pub fn set_over_provisioning(&mut self, percent: u32) {
+        self.over_provisioning = percent;
+    }
+
+    /// Refuses a new volume of `size` bytes that would take the volumes'
+    /// sizes together past the over-provisioning limit.
+    fn check_room(&self, size: u64) -> Result<(), StorageError> {
+        if self.over_provisioning == 0 {
+            return Ok(());
+        }
+        let fs = nix::sys::statvfs::statvfs(&self.volumes_dir).map_err(|e| {
+            StorageError::io(
+                format!(
+                    "measuring the filesystem under {}",
+                    self.volumes_dir.display()
+                ),
+                e.into(),
+            )
+        })?;
+        let disk = fs.blocks() as u128 * fs.fragment_size() as u128;
+        let limit = disk * self.over_provisioning as u128 / 100;
+        let claimed: u64 = self.list().iter().map(|r| r.size()).sum();
+        if claimed as u128 + size as u128 <= limit {
+            return Ok(());
+        }
+        let limit = u64::try_from(limit).unwrap_or(u64::MAX);
+        let disk = u64::try_from(disk).unwrap_or(u64::MAX);
+        Err(StorageError::NoRoom(format!(
+            "a {} volume does not fit: the volumes here already claim {} of {} ({}% of the {} \
+             filesystem under {}). Volumes are thin, so their sizes may add up to more than the \
+             disk if the daemon is started with a higher `--over-provisioning` (0 for no limit); \
+             writes then fail once the disk is really full",
+            human(size),
+            human(claimed),
+            human(limit),
+            self.over_provisioning,
+            human(disk),
+            self.volumes_dir.display(),
+        )))
     }
 
     /// Creates an empty volume of `size` bytes. Creating an existing volume
@@ -203,6 +256,7 @@ impl Store {
                 })
             };
         }
+        self.check_room(size)?;
         let volumes_dir = self.volumes_dir.clone();
         let name2 = name.clone();
         let io = self.io.clone();
@@ -299,6 +353,15 @@ fn create_on_disk(
         .and_then(|()| sync_dir(volumes_dir));
     if let Err(e) = built {
         let _ = fs::remove_dir_all(&tmp);
+        if let StorageError::Io { error, .. } = &e {
+            if error.raw_os_error() == Some(libc::EFBIG) {
+                return Err(StorageError::NoRoom(format!(
+                    "a {} volume is larger than the largest file the filesystem under {} can hold",
+                    human(size),
+                    volumes_dir.display()
+                )));
+            }
+        }
         return Err(e);
     }
     Replica::open(dir, name, io, opener)
