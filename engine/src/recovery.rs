@@ -48,6 +48,8 @@ fn clean_min_idle_passes(clean_after: Duration) -> u32 {
 }
 /// Regions a rebuild compares and copies at once.
 const REBUILD_PARALLEL: usize = 4;
+/// How often a long comparison at start says how far it is.
+const RECONCILE_PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
 impl Volume {
     /// Makes every healthy replica identical over `dirty` (a region bitmap).
@@ -66,9 +68,23 @@ impl Volume {
             return Ok(());
         }
         let started = Instant::now();
+        let region_size = self.tracker.region_size();
+        info!(
+            volume = %self.name, regions = regions.len(),
+            bytes = regions.len() as u64 * region_size,
+            "comparing the replicas where writes may have been in flight; serving once done"
+        );
+        let mut said = started;
         let (source, others) = healthy.split_first().expect("two or more");
         let mut copied = 0u64;
-        for &r in &regions {
+        for (done, &r) in regions.iter().enumerate() {
+            if said.elapsed() >= RECONCILE_PROGRESS_EVERY {
+                said = Instant::now();
+                info!(
+                    volume = %self.name, regions_done = done, regions = regions.len(),
+                    bytes_copied = copied, "still comparing"
+                );
+            }
             for target in others {
                 match self.sync_region(r, source, target).await {
                     Ok(n) => copied += n,
@@ -79,7 +95,7 @@ impl Volume {
                 }
             }
         }
-        let compared = regions.len() as u64 * self.tracker.region_size();
+        let compared = regions.len() as u64 * region_size;
         self.stats
             .reconcile_compared
             .fetch_add(compared, Ordering::Relaxed);

@@ -49,7 +49,9 @@ async fn ask(run_dir: &Path, name: &VolumeName, req: Value) -> anyhow::Result<Va
         .await
         .with_context(|| {
             format!(
-                "no engine for volume {name} answers at {} (is it running? is --run-dir right?)",
+                "no engine for volume {name} answers at {} (is it running? is --run-dir right? An \
+                 engine that is still starting, comparing replicas after a crash, answers once \
+                 it serves; its log says how far it is)",
                 path.display()
             )
         })?;
