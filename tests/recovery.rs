@@ -452,6 +452,31 @@ fn removed_replica_leaves_the_volume_serving_and_can_be_added_back() {
     assert_identical("shrink", &[&a, &b]);
 }
 
+/// Two replica daemons holding `volume`, written with 0x61 over its first
+/// MiB by an engine that then stopped cleanly.
+fn two_replicas_written(tmp: &Path, volume: &str) -> (Replica, Replica, Engine) {
+    let a = Replica::start(&tmp.join("a"), "auto");
+    let b = Replica::start(&tmp.join("b"), "auto");
+    create_volume(volume, "16MiB", &[&a, &b]);
+    let engine = Engine::start(tmp, volume, &[&a, &b]);
+    qemu_io_ok(&engine.uri(), &["write -P 0x61 0 1M", "flush"]);
+    (a, b, engine)
+}
+
+/// Starts an engine for `volume` on `replicas` (with `extra` flags),
+/// expects it to refuse, and returns what it said.
+fn refused_start(tmp: &Path, volume: &str, replicas: &[&Replica], extra: &[&str]) -> String {
+    let nbd = format!("unix:{}", tmp.join("refused.sock").display());
+    let mut args = vec!["engine", "serve", volume, "--nbd", &nbd];
+    for r in replicas {
+        args.extend(["--replica", r.addr.as_str()]);
+    }
+    args.extend(extra);
+    let out = shorthorn_within(Duration::from_secs(30), &args);
+    assert!(!out.status.success(), "the engine started with {extra:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// An engine does not start without a replica the membership lists as up
 /// to date, and says why it is missing: left off the command line, not
 /// answering, or deleted and created again (another replica id). Each
@@ -459,24 +484,9 @@ fn removed_replica_leaves_the_volume_serving_and_can_be_added_back() {
 #[test]
 fn an_engine_refuses_to_start_without_an_up_to_date_replica_and_says_why() {
     let tmp = tempfile::tempdir().unwrap();
-    let a = Replica::start(&tmp.path().join("a"), "auto");
-    let mut b = Replica::start(&tmp.path().join("b"), "auto");
-    create_volume("kept", "16MiB", &[&a, &b]);
-    let mut engine = Engine::start(tmp.path(), "kept", &[&a, &b]);
-    qemu_io_ok(&engine.uri(), &["write -P 0x61 0 1M", "flush"]);
+    let (a, mut b, mut engine) = two_replicas_written(tmp.path(), "kept");
     common::bad_input::stop(&mut engine);
-
-    let start = |replicas: &[&Replica]| {
-        let mut args = vec!["engine", "serve", "kept", "--nbd"];
-        let nbd = format!("unix:{}", tmp.path().join("refused.sock").display());
-        args.push(&nbd);
-        for r in replicas {
-            args.extend(["--replica", r.addr.as_str()]);
-        }
-        let out = shorthorn_within(Duration::from_secs(30), &args);
-        assert!(!out.status.success(), "the engine started");
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    };
+    let start = |replicas: &[&Replica]| refused_start(tmp.path(), "kept", replicas, &[]);
     let says = |err: &str, want: &str| {
         assert!(err.contains(want), "did not say {want:?}:\n{err}");
         assert!(err.contains("--allow-missing-replicas"), "{err}");
@@ -514,11 +524,7 @@ fn an_engine_refuses_to_start_without_an_up_to_date_replica_and_says_why() {
 #[test]
 fn replicas_served_apart_are_never_merged_at_a_start() {
     let tmp = tempfile::tempdir().unwrap();
-    let a = Replica::start(&tmp.path().join("a"), "auto");
-    let mut b = Replica::start(&tmp.path().join("b"), "auto");
-    create_volume("apart", "16MiB", &[&a, &b]);
-    let mut engine = Engine::start(tmp.path(), "apart", &[&a, &b]);
-    qemu_io_ok(&engine.uri(), &["write -P 0x61 0 1M", "flush"]);
+    let (a, mut b, mut engine) = two_replicas_written(tmp.path(), "apart");
     // b's daemon dies; the engine drops it and goes on with a alone.
     b.proc.kill9();
     qemu_io_ok(&engine.uri(), &["write -P 0x0a 0 1M", "flush"]);
@@ -530,14 +536,7 @@ fn replicas_served_apart_are_never_merged_at_a_start() {
     common::bad_input::stop(&mut engine);
 
     for extra in [&[][..], &["--allow-missing-replicas"][..]] {
-        let mut args = vec!["engine", "serve", "apart", "--nbd"];
-        let nbd = format!("unix:{}", tmp.path().join("refused.sock").display());
-        args.push(&nbd);
-        args.extend(["--replica", a.addr.as_str(), "--replica", b.addr.as_str()]);
-        args.extend(extra);
-        let out = shorthorn_within(Duration::from_secs(30), &args);
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "the engine started with {extra:?}");
+        let err = refused_start(tmp.path(), "apart", &[&a, &b], extra);
         assert!(err.contains("served apart"), "{err}");
         assert!(err.contains(&a.addr) && err.contains(&b.addr), "{err}");
     }
