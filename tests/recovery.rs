@@ -463,6 +463,18 @@ fn two_replicas_written(tmp: &Path, volume: &str) -> (Replica, Replica, Engine) 
     (a, b, engine)
 }
 
+/// Deletes `volume` on `r`'s daemon and creates it again, empty: a new
+/// replica at the old address.
+fn recreate(volume: &str, r: &Replica) {
+    let delete = shorthorn(&["volume", "delete", volume, "--replica", &r.addr]);
+    assert!(
+        delete.status.success(),
+        "{}",
+        String::from_utf8_lossy(&delete.stderr)
+    );
+    create_volume(volume, "16MiB", &[r]);
+}
+
 /// Starts an engine for `volume` on `replicas` (with `extra` flags),
 /// expects it to refuse, and returns what it said.
 fn refused_start(tmp: &Path, volume: &str, replicas: &[&Replica], extra: &[&str]) -> String {
@@ -498,13 +510,7 @@ fn an_engine_refuses_to_start_without_an_up_to_date_replica_and_says_why() {
     b.proc.kill9();
     says(&start(&[&a, &b]), &format!("{} cannot be reached", b.addr));
     b.restart_after_kill9();
-    let delete = shorthorn(&["volume", "delete", "kept", "--replica", &b.addr]);
-    assert!(
-        delete.status.success(),
-        "{}",
-        String::from_utf8_lossy(&delete.stderr)
-    );
-    create_volume("kept", "16MiB", &[&b]);
+    recreate("kept", &b);
     says(&start(&[&a, &b]), "deleted and created again");
 
     // The replica that was kept still holds the data, and once the
@@ -550,13 +556,7 @@ fn replicas_served_apart_are_never_merged_at_a_start() {
     // Keep a: b is deleted and created again. a's membership still lists
     // b's old replica (out) at the same address; the new one takes its
     // place, once, and is rebuilt from a.
-    let delete = shorthorn(&["volume", "delete", "apart", "--replica", &b.addr]);
-    assert!(
-        delete.status.success(),
-        "{}",
-        String::from_utf8_lossy(&delete.stderr)
-    );
-    create_volume("apart", "16MiB", &[&b]);
+    recreate("apart", &b);
     let mut engine = Engine::start(tmp.path(), "apart", &[&a, &b]);
     qemu_io_ok(&engine.uri(), &["read -P 0x0a 0 1M"]);
     wait_healthy(tmp.path(), "apart", 2);
