@@ -415,3 +415,42 @@ fn both_replicas_failing_writes_give_eio_and_never_hang() {
         log_of(&engine.proc)
     );
 }
+
+/// A full rebuild cut short (here by the new replica's disk failing its
+/// first copies) starts again in full: the replica lacks data that no
+/// dirty map records, so a delta retry would copy nothing and call it
+/// healthy. The volume's data is idle and clean before the replica is
+/// added, which is when a delta copies least.
+#[test]
+fn an_interrupted_full_rebuild_starts_again_in_full() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = Replica::start(&tmp.path().join("a"), "auto");
+    let b = FaultyReplica::start(&tmp.path().join("b"), "auto");
+    create_volume("grow", "32MiB", &[&a]);
+    let engine = Engine::start_with(tmp.path(), "grow", &[&a], &["--clean-after", "1s"]);
+    qemu_io_ok(&engine.uri(), &["write -P 0x5a 0 32M", "flush"], "filling");
+    std::thread::sleep(Duration::from_secs(3));
+
+    b.set_faults("write=eio volume=grow");
+    create_volume("grow", "32MiB", &[&b.replica]);
+    add_replica(tmp.path(), "grow", &b.replica.addr);
+    wait_until("the new replica to drop out", FIO_TIMEOUT, || {
+        log_of(&engine.proc)
+            .lines()
+            .any(|l| l.contains(DROPPED) && l.contains(&b.replica.addr))
+    });
+    b.set_faults("");
+    wait_healthy(tmp.path(), "grow", 2);
+    let log = log_of(&engine.proc);
+    let rebuilds: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("rebuild started") && l.contains(&b.replica.addr))
+        .collect();
+    assert!(
+        rebuilds.len() >= 2 && rebuilds.iter().all(|l| l.contains("kind=\"full\"")),
+        "every rebuild of the new replica should be full:\n{}",
+        rebuilds.join("\n")
+    );
+    drop(engine);
+    assert_identical("grow", &[&a, &b.replica]);
+}

@@ -65,17 +65,6 @@ fn busy_writer(dir: &Path, uri: &str, other: &Replica, iodepth: &str) -> Fio {
     busy
 }
 
-fn healthy(dir: &Path, volume: &str) -> u64 {
-    status_json(dir, volume)["healthy"].as_u64().unwrap_or(0)
-}
-
-fn wait_healthy(dir: &Path, volume: &str, n: u64, within: Duration) {
-    wait_until(&format!("{n} healthy replicas of {volume}"), within, || {
-        healthy(dir, volume) == n
-    });
-}
-
-/// The replicas hold identical bytes (read-only comparison, no engine).
 /// The daemon's log lines for engine sessions it accepted.
 fn attach_lines(replica: &Replica) -> Vec<String> {
     replica
@@ -192,7 +181,7 @@ fn hosted_engine_carries_on_when_the_other_daemon_is_killed_and_takes_it_back() 
         fio.proc.is_running(),
         "fio finished before daemon 2 was killed; the job is too small to test anything"
     );
-    wait_healthy(tmp.path(), "survive", 1, STEP);
+    wait_healthy_within(tmp.path(), "survive", 1, STEP);
     let dropped_at = started.elapsed();
     other.restart_after_kill9();
     let report = fio.wait(FIO_TIMEOUT);
@@ -204,7 +193,7 @@ fn hosted_engine_carries_on_when_the_other_daemon_is_killed_and_takes_it_back() 
     report.assert_wrote_and_verified(FIO_SIZE);
 
     // The engine takes daemon 2 back by itself and rebuilds it.
-    wait_healthy(tmp.path(), "survive", 2, Duration::from_secs(40));
+    wait_healthy_within(tmp.path(), "survive", 2, Duration::from_secs(40));
     let log = host.proc.log_text();
     assert!(
         log.lines()

@@ -13,17 +13,6 @@ use common::*;
 
 const STEP: Duration = Duration::from_secs(60);
 
-fn healthy(dir: &Path, volume: &str) -> u64 {
-    status_json(dir, volume)["healthy"].as_u64().unwrap_or(0)
-}
-
-fn wait_healthy(dir: &Path, volume: &str, n: u64) {
-    wait_until(&format!("{n} healthy replicas of {volume}"), STEP, || {
-        healthy(dir, volume) == n
-    });
-}
-
-/// The replicas hold identical bytes (read-only comparison, no engine).
 /// Bytes the running engine of `volume` compared between its replicas
 /// when it started.
 fn reconcile_compared(dir: &Path, volume: &str) -> u64 {
@@ -563,6 +552,56 @@ fn replicas_served_apart_are_never_merged_at_a_start() {
     qemu_io_ok(&engine.uri(), &["write -P 0x0c 1M 1M", "flush"]);
     common::bad_input::stop(&mut engine);
     assert_identical("apart", &[&a, &b]);
+}
+
+/// Every replica of a running volume drops at once (both daemons
+/// restarted together, or a one-replica volume's only daemon): the last
+/// saved membership still lists them as healthy, so they hold every
+/// acknowledged write, and when they answer again the engine serves from
+/// them with no rebuild to wait for (there is nothing to rebuild from),
+/// then brings the rest up to date from them. Before, the engine saved a
+/// membership with no healthy replica, and no start ever worked again.
+#[test]
+fn a_volume_whose_replicas_all_restart_serves_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut a = Replica::start(&tmp.path().join("a"), "auto");
+    let mut b = Replica::start(&tmp.path().join("b"), "auto");
+    let mut c = Replica::start(&tmp.path().join("c"), "auto");
+    create_volume("both", "16MiB", &[&a, &b]);
+    create_volume("one", "16MiB", &[&c]);
+    let mut both = Engine::start(tmp.path(), "both", &[&a, &b]);
+    let mut one = Engine::start(tmp.path(), "one", &[&c]);
+    qemu_io_ok(&both.uri(), &["write -P 0x71 0 4M", "flush"]);
+    qemu_io_ok(&one.uri(), &["write -P 0x73 0 4M", "flush"]);
+    for r in [&mut a, &mut b, &mut c] {
+        r.proc.kill9();
+    }
+    wait_healthy(tmp.path(), "both", 0);
+    wait_healthy(tmp.path(), "one", 0);
+    for r in [&mut a, &mut b, &mut c] {
+        r.restart_after_kill9();
+    }
+    wait_healthy(tmp.path(), "both", 2);
+    wait_healthy(tmp.path(), "one", 1);
+    qemu_io_ok(
+        &both.uri(),
+        &["read -P 0x71 0 4M", "write -P 0x72 4M 1M", "flush"],
+    );
+    qemu_io_ok(
+        &one.uri(),
+        &["read -P 0x73 0 4M", "write -P 0x74 4M 1M", "flush"],
+    );
+    common::bad_input::stop(&mut both);
+    common::bad_input::stop(&mut one);
+    assert_identical("both", &[&a, &b]);
+
+    // And the next engines start as after any stop.
+    let mut both = Engine::start(tmp.path(), "both", &[&a, &b]);
+    qemu_io_ok(&both.uri(), &["read -P 0x72 4M 1M"]);
+    let mut one = Engine::start(tmp.path(), "one", &[&c]);
+    qemu_io_ok(&one.uri(), &["read -P 0x74 4M 1M"]);
+    common::bad_input::stop(&mut both);
+    common::bad_input::stop(&mut one);
 }
 
 /// What a rebuild copied, and what was written just before a clean stop,

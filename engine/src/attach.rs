@@ -393,19 +393,42 @@ fn plan(
         }
         warn!(volume = %name, missing = %missing.join("; "), "starting without up-to-date replicas, as asked");
     }
+    let listed: Vec<&str> = auth
+        .members
+        .iter()
+        .filter(|m| m.state == MemberState::Healthy)
+        .map(|m| m.addr.as_str())
+        .collect();
+    if healthy.is_empty() && listed.is_empty() && options.allow_missing_replicas && seen.len() == 1
+    {
+        // Engines before this one could save a membership with no healthy
+        // replica (every replica dropped at once). Nothing then says which
+        // holds the data; the operator names the one replica to serve from.
+        let s = &seen[0];
+        let slot = slots.iter().find(|x| x.addr == s.addr).expect("planned");
+        slot.set_id(&s.state.replica_id);
+        slot.set_state(MemberState::Healthy);
+        healthy.push(s.state.replica_id.clone());
+        warn!(volume = %name, replica = %s.addr, "the membership lists no replica as up to date; serving from the one named, as asked");
+    }
     if healthy.is_empty() {
-        return Err(EngineError::Unsafe {
-            volume: vol,
-            detail: format!(
+        let detail = if listed.is_empty() {
+            format!(
+                "the volume's membership (epoch {}) lists no replica as up to date, so nothing \
+                 says which one holds the data. If you know, start with that replica alone and \
+                 --allow-missing-replicas: it serves as it is, and the others are rebuilt from it",
+                auth.epoch
+            )
+        } else {
+            format!(
                 "no reachable replica is up to date (membership epoch {}); the up-to-date ones are {}",
                 auth.epoch,
-                auth.members
-                    .iter()
-                    .filter(|m| m.state == MemberState::Healthy)
-                    .map(|m| m.addr.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
+                listed.join(", ")
+            )
+        };
+        return Err(EngineError::Unsafe {
+            volume: vol,
+            detail,
         });
     }
     Ok((slots, auth.epoch, healthy))

@@ -318,13 +318,25 @@ impl Volume {
             Err(e) => return Err(e.to_string()),
         };
         let known = slot.id();
-        let delta = !known.is_empty() && known == state.replica_id;
+        let delta = !known.is_empty() && known == state.replica_id && !slot.full_rebuild_pending();
         if !known.is_empty() && known != state.replica_id {
             warn!(volume = %self.name, replica = %slot.addr, was = %known, now = %state.replica_id,
                 "a different replica answers at this address; rebuilding it in full");
         }
         slot.set_id(&state.replica_id);
         let client = Arc::new(client);
+        if delta
+            && self
+                .readmit(slot, &client)
+                .await
+                .map_err(|e| e.to_string())?
+        {
+            *slot.progress.last.lock().unwrap() = None;
+            return Ok(());
+        }
+        if !delta {
+            slot.set_full_rebuild_pending(true);
+        }
 
         // Live writes reach it from here on; nothing reads from it yet.
         {
@@ -340,6 +352,7 @@ impl Volume {
         match result {
             Ok(()) => {
                 if slot.transition(MemberState::Rebuilding, MemberState::Healthy) {
+                    slot.set_full_rebuild_pending(false);
                     self.bump_version();
                     self.ensure_membership().await.map_err(|e| e.to_string())?;
                     *slot.progress.last.lock().unwrap() = None;

@@ -1,7 +1,7 @@
 //! One replica of a volume as the engine sees it: where it is, what it is
 //! called, whether it may serve reads, and the connection to it.
 
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -16,6 +16,9 @@ pub struct Slot {
     id: Mutex<String>,
     state: AtomicU8,
     client: ArcSwapOption<ReplicaClient>,
+    /// A full rebuild of it has begun and not finished: it lacks data no
+    /// dirty map records, so however it drops out, it comes back in full.
+    full_rebuild_pending: AtomicBool,
     pub progress: RebuildProgress,
 }
 
@@ -52,6 +55,7 @@ impl Slot {
             id: Mutex::new(id.to_string()),
             state: AtomicU8::new(encode(state)),
             client: ArcSwapOption::empty(),
+            full_rebuild_pending: AtomicBool::new(false),
             progress: RebuildProgress::default(),
         }
     }
@@ -100,11 +104,28 @@ impl Slot {
         }
     }
 
+    pub fn set_full_rebuild_pending(&self, pending: bool) {
+        self.full_rebuild_pending.store(pending, Ordering::Release);
+    }
+
+    pub fn full_rebuild_pending(&self) -> bool {
+        self.full_rebuild_pending.load(Ordering::Acquire)
+    }
+
+    /// What the volume's membership records of it. Until a full rebuild of
+    /// it has made it healthy its id is left out: a later engine (or this
+    /// one) then takes it for a new replica and rebuilds it in full, never
+    /// by delta from dirty maps that do not cover what it lacks.
     pub fn member(&self) -> Member {
+        let state = self.state();
         Member {
-            id: self.id(),
+            id: if self.full_rebuild_pending() && state != MemberState::Healthy {
+                String::new()
+            } else {
+                self.id()
+            },
             addr: self.addr.clone(),
-            state: self.state(),
+            state,
         }
     }
 }

@@ -20,11 +20,11 @@ use shorthorn_proto::{
     ErrorCode, Generation, MemberState, Membership, Reply, Request, VolumeName, MAX_IO_LEN,
 };
 use tokio::sync::Notify;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 pub use crate::error::{EngineError, VolumeOptions};
 use crate::range_lock::RangeLock;
-use crate::replica_client::ClientError;
+use crate::replica_client::{ClientError, ReplicaClient};
 use crate::slot::Slot;
 use crate::tracker::WriteTracker;
 
@@ -42,8 +42,13 @@ pub struct ReplicaState {
 }
 
 struct MembershipRecord {
+    /// The last epoch used, saved or not: never used twice.
     epoch: u64,
     persisted_version: u64,
+    /// The last membership some healthy replica took. A replica it lists
+    /// as healthy holds every acknowledged write: none is acknowledged
+    /// without a replica before a membership marking it out is saved.
+    durable: Membership,
 }
 
 pub struct Volume {
@@ -102,6 +107,7 @@ impl Volume {
             membership: tokio::sync::Mutex::new(MembershipRecord {
                 epoch,
                 persisted_version: 0,
+                durable: Membership::default(),
             }),
             wake: Arc::new(Notify::new()),
             stats: RecoveryStats::default(),
@@ -237,34 +243,40 @@ impl Volume {
                 continue;
             }
             let slots = self.slots.load_full();
+            let members: Vec<_> = slots.iter().map(|s| s.member()).collect();
+            if !members.iter().any(|m| m.state == MemberState::Healthy) {
+                // No replica could serve from such a membership, and saved
+                // it would leave none to start from. The last ones healthy
+                // stay so, durably, and serve again when they answer.
+                return Err(self.no_healthy());
+            }
             let m = Membership {
                 epoch: rec.epoch + 1,
-                members: slots.iter().map(|s| s.member()).collect(),
+                members,
             };
-            let targets: Vec<_> = slots
-                .iter()
-                .filter(|s| s.takes_writes())
-                .filter_map(|s| s.client().map(|c| (s.clone(), c)))
-                .collect();
-            let results = join_all(
-                targets
-                    .iter()
-                    .map(|(_, c)| c.start(Request::SetMembership(m.clone())).done()),
-            )
-            .await;
-            let mut healthy_acks = 0;
-            for ((slot, _), r) in targets.iter().zip(results) {
-                match r {
-                    Ok(()) if slot.state() == MemberState::Healthy => healthy_acks += 1,
-                    Ok(()) => {}
-                    Err(e) => self.fail(slot, &e),
+            // Used up whatever happens next: a replica that took this epoch
+            // must never be sent it again with other contents.
+            rec.epoch = m.epoch;
+            let mut healthy = Vec::new();
+            let mut rebuilding = Vec::new();
+            for (slot, member) in slots.iter().zip(&m.members) {
+                if let (true, Some(c)) = (slot.takes_writes(), slot.client()) {
+                    match member.state {
+                        MemberState::Healthy => healthy.push((slot.clone(), c)),
+                        _ => rebuilding.push((slot.clone(), c)),
+                    }
                 }
             }
+            // Healthy replicas first: one being rebuilt never holds a
+            // membership newer than every healthy replica's.
+            let healthy_acks = self.send_membership(&m, &healthy).await;
             self.check_fenced()?;
             if healthy_acks == 0 {
                 return Err(self.no_healthy());
             }
-            rec.epoch = m.epoch;
+            rec.durable = m.clone();
+            self.send_membership(&m, &rebuilding).await;
+            self.check_fenced()?;
             rec.persisted_version = wanted;
             self.persisted_version.fetch_max(wanted, Ordering::AcqRel);
             info!(
@@ -273,6 +285,65 @@ impl Volume {
                 "membership saved on the replicas"
             );
         }
+    }
+
+    /// Sends `m` to `targets` at once; marks out those that fail it and
+    /// returns how many took it.
+    async fn send_membership(
+        &self,
+        m: &Membership,
+        targets: &[(Arc<Slot>, Arc<ReplicaClient>)],
+    ) -> usize {
+        let results = join_all(
+            targets
+                .iter()
+                .map(|(_, c)| c.start(Request::SetMembership(m.clone())).done()),
+        )
+        .await;
+        let mut took = 0;
+        for ((slot, _), r) in targets.iter().zip(results) {
+            match r {
+                Ok(()) => took += 1,
+                Err(e) => self.fail(slot, &e),
+            }
+        }
+        took
+    }
+
+    /// Lets `slot`, just reconnected through `client`, serve again as it
+    /// is, when no replica is healthy now and the last saved membership
+    /// lists it as healthy: then it holds every acknowledged write and
+    /// there is nothing to rebuild it from (every replica dropped at once,
+    /// or a one-replica volume's daemon restarted). Returns whether it did.
+    pub(crate) async fn readmit(
+        &self,
+        slot: &Arc<Slot>,
+        client: &Arc<ReplicaClient>,
+    ) -> Result<bool, EngineError> {
+        {
+            let rec = self.membership.lock().await;
+            let id = slot.id();
+            let listed_healthy = !id.is_empty()
+                && rec
+                    .durable
+                    .member(&id)
+                    .is_some_and(|m| m.state == MemberState::Healthy);
+            // Under the gate no write is being sent meanwhile; under the
+            // record no membership is being saved.
+            let _no_writes_between = self.gate.write().unwrap();
+            if !listed_healthy || self.healthy_count() > 0 {
+                return Ok(false);
+            }
+            slot.set_client(Some(client.clone()));
+            slot.set_state(MemberState::Healthy);
+            self.bump_version();
+        }
+        warn!(
+            volume = %self.name, replica = %slot.addr,
+            "replica answers again and holds every acknowledged write; serving from it"
+        );
+        self.ensure_membership().await?;
+        Ok(true)
     }
 
     pub(crate) fn check_range(&self, offset: u64, len: u64) -> Result<(), EngineError> {

@@ -412,6 +412,23 @@ pub fn create_volume(name: &str, size: &str, replicas: &[&Replica]) {
     );
 }
 
+/// How many replicas the running engine of `volume` counts as healthy.
+pub fn healthy(dir: &Path, volume: &str) -> u64 {
+    status_json(dir, volume)["healthy"].as_u64().unwrap_or(0)
+}
+
+/// Waits (up to a minute) until the engine of `volume` counts `n` healthy
+/// replicas.
+pub fn wait_healthy(dir: &Path, volume: &str, n: u64) {
+    wait_healthy_within(dir, volume, n, Duration::from_secs(60));
+}
+
+pub fn wait_healthy_within(dir: &Path, volume: &str, n: u64, within: Duration) {
+    wait_until(&format!("{n} healthy replicas of {volume}"), within, || {
+        healthy(dir, volume) == n
+    });
+}
+
 /// The engine's `volume status --json` answer (its run dir is `dir`).
 pub fn status_json(dir: &Path, volume: &str) -> serde_json::Value {
     let out = shorthorn(&[
