@@ -427,9 +427,14 @@ impl Volume {
             .buffer_unordered(REBUILD_PARALLEL);
         while let Some(result) = copies.next().await {
             if slot.state() != MemberState::Rebuilding {
+                // Dropped by a live write or a membership save; say why.
+                let why = slot.progress.last.lock().unwrap().clone();
                 return Err(ClientError::Closed {
                     addr: slot.addr.clone(),
-                    reason: "dropped during rebuild".into(),
+                    reason: match why {
+                        Some(why) => format!("dropped during rebuild: {why}"),
+                        None => "dropped during rebuild".into(),
+                    },
                 });
             }
             match result {
@@ -489,8 +494,10 @@ impl Volume {
                 return Err(EngineError::Membership {
                     volume: self.name.to_string(),
                     detail: format!(
-                        "{addr} is the replica daemon already in this volume as {}",
-                        same.addr
+                        "{addr} is the replica daemon already in this volume as {}; if it has \
+                         moved to {addr}, remove the old address first (`shorthorn volume \
+                         remove-replica {} --replica {}`), then add it again",
+                        same.addr, self.name, same.addr
                     ),
                 });
             }

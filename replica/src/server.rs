@@ -652,10 +652,7 @@ async fn execute(
             let _gate = newest_session(session).await?;
             let (replica, state) = volume_of(session)?;
             let epoch = m.epoch;
-            state
-                .set_membership(m)
-                .await
-                .map_err(|e| RemoteError::new(ErrorCode::Invalid, e))?;
+            state.set_membership(m).await.map_err(storage_error)?;
             info!(volume = %replica.name(), epoch, "membership updated");
             Ok(Reply::Done)
         }

@@ -26,6 +26,8 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use shorthorn_proto::{Member, MemberState, Membership};
 
+use crate::storage::StorageError;
+
 /// Bytes per dirty region: the backup block size, small enough that a
 /// crash with 64 writes in flight compares at most 128 MiB.
 pub const REGION_SIZE: u64 = 2 << 20;
@@ -169,21 +171,21 @@ impl VolumeState {
 
     /// Replaces the membership, durably. Only a higher epoch is accepted,
     /// so a delayed update can never roll it back.
-    pub async fn set_membership(self: &Arc<Self>, m: Membership) -> Result<(), String> {
+    pub async fn set_membership(self: &Arc<Self>, m: Membership) -> Result<(), StorageError> {
         let _w = self.membership_write.lock().await;
         let current = self.membership.lock().unwrap().epoch;
         if m.epoch <= current {
-            return Err(format!(
+            return Err(StorageError::Invalid(format!(
                 "membership epoch {} is not newer than the replica's {current}",
                 m.epoch
-            ));
+            )));
         }
         let this = self.clone();
         let m2 = m.clone();
         tokio::task::spawn_blocking(move || write_state(&this.dir, &this.replica_id, &m2))
             .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("saving membership: {e}"))?;
+            .map_err(|e| StorageError::io("saving membership", std::io::Error::other(e)))?
+            .map_err(|e| StorageError::io("saving membership", e))?;
         *self.membership.lock().unwrap() = m;
         Ok(())
     }
@@ -223,10 +225,14 @@ fn write_state(dir: &Path, replica_id: &str, m: &Membership) -> std::io::Result<
     };
     let raw = serde_json::to_vec_pretty(&f).expect("state serialises");
     let tmp = dir.join(STATE_TMP);
-    {
-        let mut out = File::create(&tmp)?;
+    let written = File::create(&tmp).and_then(|mut out| {
         out.write_all(&raw)?;
-        out.sync_all()?;
+        out.sync_all()
+    });
+    if let Err(e) = written {
+        // A full disk must not leave a half-written file behind.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
     }
     std::fs::rename(&tmp, dir.join(STATE_FILE))?;
     File::open(dir)?.sync_all()

@@ -22,6 +22,8 @@ pub enum ReplicaCommand {
     Serve(ServeArgs),
     /// Compare a volume's replicas byte for byte, read-only (exit 0 when
     /// identical, 1 when they differ, 2 when they cannot be compared).
+    /// Stop the volume's engine first: while it writes, a write in flight
+    /// has reached one replica a moment before the other.
     Verify(super::verify::VerifyArgs),
 }
 

@@ -457,6 +457,11 @@ fn print_text(out: &mut impl Write, s: &Summary) -> std::io::Result<()> {
             }
         )?;
     }
+    writeln!(
+        out,
+        "(if an engine was writing to the volume meanwhile, writes in flight differ for a \
+         moment: stop it and compare again)"
+    )?;
     Ok(())
 }
 
