@@ -366,6 +366,16 @@ fn plan(
                 // replica would supersede each other).
             }
             (_, None) => {
+                let why = if unreachable.iter().any(|(addr, _)| *addr == m.addr) {
+                    "cannot be reached"
+                } else {
+                    "is not named with --replica"
+                };
+                info!(
+                    volume = %name, replica = %m.addr, state = m.state.as_str(),
+                    "a member of the volume {why}; it stays a member and is rebuilt when it \
+                     answers (`shorthorn volume remove-replica` drops it)"
+                );
                 slots.push(Arc::new(Slot::new(&m.addr, &m.id, MemberState::Out)));
             }
         }
