@@ -118,6 +118,15 @@ fn help_texts_name_every_flag() {
             &["--replica", "--timeout-ms"],
         ),
         (
+            &["volume", "inspect", "--help"],
+            &[
+                "<NAME>",
+                "--replica",
+                "--allow-missing-replicas",
+                "--timeout-ms",
+            ],
+        ),
+        (
             &["engine", "serve", "--help"],
             &[
                 "<NAME>",

@@ -530,6 +530,27 @@ fn replicas_served_apart_are_never_merged_at_a_start() {
     qemu_io_ok(&engine.uri(), &["write -P 0x0b 0 1M", "flush"]);
     common::bad_input::stop(&mut engine);
 
+    // `volume inspect` shows each side's membership and the same verdict,
+    // with no engine and nothing changed.
+    let inspect = |replicas: &[&Replica]| {
+        let mut args = vec!["volume", "inspect", "apart"];
+        for r in replicas {
+            args.extend(["--replica", r.addr.as_str()]);
+        }
+        let out = shorthorn(&args);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        (out.status.code(), text)
+    };
+    let (code, text) = inspect(&[&a, &b]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("would refuse") && text.contains("served apart"),
+        "{text}"
+    );
+    for r in [&a, &b] {
+        let row = text.lines().find(|l| l.starts_with(&r.addr));
+        assert!(row.is_some_and(|l| l.contains(" healthy")), "{text}");
+    }
     for extra in [&[][..], &["--allow-missing-replicas"][..]] {
         let err = refused_start(tmp.path(), "apart", &[&a, &b], extra);
         assert!(err.contains("served apart"), "{err}");
@@ -546,6 +567,15 @@ fn replicas_served_apart_are_never_merged_at_a_start() {
     // b's old replica (out) at the same address; the new one takes its
     // place, once, and is rebuilt from a.
     recreate("apart", &b);
+    let (code, text) = inspect(&[&a, &b]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains(&format!(
+            "would serve from {}, and rebuild {} (in full)",
+            a.addr, b.addr
+        )),
+        "{text}"
+    );
     let mut engine = Engine::start(tmp.path(), "apart", &[&a, &b]);
     qemu_io_ok(&engine.uri(), &["read -P 0x0a 0 1M"]);
     wait_healthy(tmp.path(), "apart", 2);

@@ -68,56 +68,8 @@ impl Volume {
         let vol = name.to_string();
 
         // 1. Look (generation 0: nothing changes on the replicas).
-        let looks = join_all(addrs.iter().map(|addr| look(addr, client, &vol, timeout))).await;
-        let mut seen = Vec::new();
-        let mut unreachable = Vec::new();
-        for (addr, look) in addrs.iter().zip(looks) {
-            match look {
-                Ok(s) => seen.push(s),
-                Err(ClientError::Remote { error, .. }) if error.code == ErrorCode::NotFound => {
-                    return Err(EngineError::NotOnReplica {
-                        volume: vol,
-                        replica: addr.clone(),
-                        reason: error.message,
-                    });
-                }
-                Err(e) => {
-                    warn!(volume = %name, replica = %addr, error = %e, "replica unreachable");
-                    unreachable.push((addr.clone(), e.to_string()));
-                }
-            }
-        }
-        if seen.is_empty() {
-            return Err(EngineError::NoReplicaReachable {
-                volume: vol,
-                reasons: unreachable
-                    .iter()
-                    .map(|(a, e)| format!("{a}: {e}"))
-                    .collect::<Vec<_>>()
-                    .join("; "),
-            });
-        }
+        let (seen, unreachable) = look_all(&name, addrs, options).await?;
         let size = seen[0].info.size;
-        if seen.iter().any(|s| s.info.size != size) {
-            let detail = seen
-                .iter()
-                .map(|s| format!("{}: {}", s.addr, s.info.size))
-                .collect::<Vec<_>>()
-                .join(", ");
-            return Err(EngineError::SizeMismatch {
-                volume: vol,
-                detail,
-            });
-        }
-        if let Some(s) = seen.iter().find(|s| s.state.region_size != REGION_SIZE) {
-            return Err(EngineError::Unsafe {
-                volume: vol,
-                detail: format!(
-                    "replica {} tracks {}-byte regions, this engine {REGION_SIZE}",
-                    s.addr, s.state.region_size
-                ),
-            });
-        }
 
         // 2. Decide who is up to date.
         let (slots, epoch, healthy) = plan(&name, &seen, &unreachable, options)?;
@@ -215,6 +167,130 @@ impl Volume {
         volume.clone().spawn_recovery();
         Ok(volume)
     }
+}
+
+/// What the replicas at `addrs` say about the volume, through sessions that
+/// change nothing, and which of them could not be reached. Fails when none
+/// answers, one does not hold the volume, or they disagree on its shape.
+async fn look_all(
+    name: &VolumeName,
+    addrs: &[String],
+    options: &VolumeOptions,
+) -> Result<(Vec<Seen>, Vec<(String, String)>), EngineError> {
+    let timeout = options.io_timeout;
+    let client = options.client_id.as_str();
+    let vol = name.to_string();
+    let looks = join_all(addrs.iter().map(|addr| look(addr, client, &vol, timeout))).await;
+    let mut seen = Vec::new();
+    let mut unreachable = Vec::new();
+    for (addr, look) in addrs.iter().zip(looks) {
+        match look {
+            Ok(s) => seen.push(s),
+            Err(ClientError::Remote { error, .. }) if error.code == ErrorCode::NotFound => {
+                return Err(EngineError::NotOnReplica {
+                    volume: vol,
+                    replica: addr.clone(),
+                    reason: error.message,
+                });
+            }
+            Err(e) => {
+                warn!(volume = %name, replica = %addr, error = %e, "replica unreachable");
+                unreachable.push((addr.clone(), e.to_string()));
+            }
+        }
+    }
+    if seen.is_empty() {
+        return Err(EngineError::NoReplicaReachable {
+            volume: vol,
+            reasons: unreachable
+                .iter()
+                .map(|(a, e)| format!("{a}: {e}"))
+                .collect::<Vec<_>>()
+                .join("; "),
+        });
+    }
+    let size = seen[0].info.size;
+    if seen.iter().any(|s| s.info.size != size) {
+        let detail = seen
+            .iter()
+            .map(|s| format!("{}: {}", s.addr, s.info.size))
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Err(EngineError::SizeMismatch {
+            volume: vol,
+            detail,
+        });
+    }
+    if let Some(s) = seen.iter().find(|s| s.state.region_size != REGION_SIZE) {
+        return Err(EngineError::Unsafe {
+            volume: vol,
+            detail: format!(
+                "replica {} tracks {}-byte regions, this engine {REGION_SIZE}",
+                s.addr, s.state.region_size
+            ),
+        });
+    }
+    Ok((seen, unreachable))
+}
+
+/// One replica's own account of a volume, for people deciding what to do.
+pub struct ReplicaView {
+    pub addr: String,
+    pub replica_id: String,
+    pub generation: Generation,
+    /// The membership as this replica last saved it.
+    pub membership: Membership,
+    /// Bytes in regions its dirty map marks (writes maybe in flight, or
+    /// made while a member was out).
+    pub dirty_bytes: u64,
+}
+
+/// What an engine started with exactly these replicas would do, found out
+/// without claiming the volume or changing anything.
+pub struct StartPreview {
+    pub replicas: Vec<ReplicaView>,
+    /// Named replicas that did not answer, with why.
+    pub unreachable: Vec<(String, String)>,
+    /// Each replica's part at such a start (healthy: serves; out: rebuilt,
+    /// in full when the flag says so), or why the start would be refused.
+    pub verdict: Result<Vec<(String, MemberState, bool)>, EngineError>,
+}
+
+/// Looks at the replicas at `addrs` and runs the start rule on what they
+/// say, as `engine serve` with the same replicas and options would.
+pub async fn preview_start(
+    name: &VolumeName,
+    addrs: &[String],
+    options: &VolumeOptions,
+) -> Result<StartPreview, EngineError> {
+    let (seen, unreachable) = look_all(name, addrs, options).await?;
+    let verdict = plan(name, &seen, &unreachable, options).map(|(slots, _, _)| {
+        slots
+            .iter()
+            .map(|s| (s.addr.clone(), s.state(), s.id().is_empty()))
+            .collect()
+    });
+    let replicas = seen
+        .into_iter()
+        .map(|s| ReplicaView {
+            dirty_bytes: s
+                .state
+                .dirty
+                .iter()
+                .map(|b| b.count_ones() as u64)
+                .sum::<u64>()
+                * s.state.region_size,
+            addr: s.addr,
+            replica_id: s.state.replica_id,
+            generation: s.info.generation,
+            membership: s.state.membership,
+        })
+        .collect();
+    Ok(StartPreview {
+        replicas,
+        unreachable,
+        verdict,
+    })
 }
 
 /// What a replica says about itself, through a session that changes

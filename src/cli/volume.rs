@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
-use shorthorn_proto::{ErrorCode, Reply, Request, VolumeName};
+use shorthorn_engine::attach::preview_start;
+use shorthorn_engine::error::{VolumeOptions, DEFAULT_CLEAN_AFTER};
+use shorthorn_proto::{ErrorCode, MemberState, Reply, Request, VolumeName};
 
 use super::admin_call;
 use super::size::{human, parse_size};
@@ -25,6 +27,30 @@ pub enum VolumeCommand {
     AddReplica(super::engine_ctl::ReplicaChangeArgs),
     /// Remove a replica from a running volume.
     RemoveReplica(super::engine_ctl::ReplicaChangeArgs),
+    /// Show what each replica of a volume says about it (its id, generation,
+    /// the membership it last saved, its dirty regions) and what an engine
+    /// started with exactly these replicas would do: serve from which,
+    /// rebuild which, or refuse and why. Changes nothing; works with the
+    /// engine stopped. Exit 0 when such a start would serve, 1 when it
+    /// would be refused.
+    Inspect(InspectArgs),
+}
+
+#[derive(Args)]
+pub struct InspectArgs {
+    /// The volume to look at.
+    pub name: VolumeName,
+    /// Replica daemon (HOST:PORT) holding a replica; give the ones an
+    /// engine would be started with.
+    #[arg(long = "replica", value_name = "HOST:PORT", required = true)]
+    pub replicas: Vec<String>,
+    /// Judge the start as if `engine serve --allow-missing-replicas` were
+    /// given.
+    #[arg(long)]
+    pub allow_missing_replicas: bool,
+    /// How long to wait for each daemon, in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    pub timeout_ms: u64,
 }
 
 #[derive(Args)]
@@ -80,6 +106,7 @@ pub async fn run(command: VolumeCommand) -> anyhow::Result<()> {
         VolumeCommand::AddReplica(a) => super::engine_ctl::add_replica(a).await,
         VolumeCommand::RemoveReplica(a) => super::engine_ctl::remove_replica(a).await,
         VolumeCommand::List(a) => list(&a.replicas, Duration::from_millis(a.timeout_ms)).await,
+        VolumeCommand::Inspect(a) => inspect(a).await,
         VolumeCommand::Delete(a) => {
             let timeout = Duration::from_millis(a.timeout_ms);
             for addr in &a.replicas {
@@ -205,6 +232,76 @@ async fn check_can_create(
         Ok(other) => bail!("unexpected answer {other:?}"),
         Err(e) if e.remote().is_some_and(|r| r.code == ErrorCode::NotFound) => Ok(()),
         Err(e) => Err(e.into()),
+    }
+}
+
+async fn inspect(a: InspectArgs) -> anyhow::Result<()> {
+    let options = VolumeOptions {
+        io_timeout: Duration::from_millis(a.timeout_ms),
+        clean_after: DEFAULT_CLEAN_AFTER,
+        client_id: VolumeOptions::unique_client_id(a.name.as_str()),
+        allow_missing_replicas: a.allow_missing_replicas,
+    };
+    let preview = preview_start(&a.name, &a.replicas, &options).await?;
+    println!(
+        "{:<22} {:<20} {:>10} {:>6} {:>9}  MEMBERSHIP IT LAST SAVED",
+        "REPLICA", "REPLICA ID", "GENERATION", "EPOCH", "DIRTY"
+    );
+    for r in &preview.replicas {
+        let members = r
+            .membership
+            .members
+            .iter()
+            .map(|m| format!("{} {}", m.addr, m.state.as_str()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        println!(
+            "{:<22} {:<20} {:>10} {:>6} {:>9}  {}",
+            r.addr,
+            r.replica_id,
+            r.generation.to_string(),
+            r.membership.epoch,
+            human(r.dirty_bytes),
+            if members.is_empty() {
+                "(none: never attached)".to_string()
+            } else {
+                members
+            }
+        );
+    }
+    for (addr, why) in &preview.unreachable {
+        println!("{addr:<22} cannot be reached: {why}");
+    }
+    println!();
+    match preview.verdict {
+        Ok(parts) => {
+            let list = |want: MemberState| {
+                parts
+                    .iter()
+                    .filter(|(_, state, _)| *state == want)
+                    .map(|(addr, _, full)| match (want, full) {
+                        (MemberState::Healthy, _) => addr.clone(),
+                        (_, true) => format!("{addr} (in full)"),
+                        (_, false) => format!("{addr} (what it missed)"),
+                    })
+                    .collect::<Vec<_>>()
+            };
+            let (serve, rebuild) = (list(MemberState::Healthy), list(MemberState::Out));
+            print!(
+                "An engine started with these replicas would serve from {}",
+                serve.join(" and ")
+            );
+            if rebuild.is_empty() {
+                println!(".");
+            } else {
+                println!(", and rebuild {} when it answers.", rebuild.join(" and "));
+            }
+            Ok(())
+        }
+        Err(e) => {
+            println!("An engine started with these replicas would refuse: {e}");
+            std::process::exit(1);
+        }
     }
 }
 
