@@ -468,3 +468,46 @@ fn an_interrupted_full_rebuild_starts_again_in_full() {
     drop(engine);
     assert_identical("grow", &[&a, &b.replica]);
 }
+
+/// A rebuilt replica counts as healthy only once a replica that is healthy
+/// has saved the membership saying so. Here the source's disk refuses that
+/// save: before, the rebuilt replica went on alone, while the source's own
+/// record still showed it as the only up-to-date one, so a later start
+/// with the rebuilt replica down served the source's older data. Now the
+/// volume stops (EIO) until the source can save again, and nothing
+/// acknowledged is lost.
+#[test]
+fn a_rebuilt_replica_is_healthy_only_once_its_source_has_saved_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = FaultyReplica::start(&tmp.path().join("a"), "auto");
+    let b = Replica::start(&tmp.path().join("b"), "auto");
+    create_volume("promo", "16MiB", &[&a.replica]);
+    let engine = Engine::start(tmp.path(), "promo", &[&a.replica]);
+    qemu_io_ok(&engine.uri(), &["write -P 0x41 0 16M", "flush"], "filling");
+
+    // The source saves the membership that starts the rebuild, then its
+    // disk refuses the next one: the promotion.
+    a.set_faults("membership=enospc after=1 volume=promo");
+    add_replica(tmp.path(), "promo", &b.addr);
+    wait_until("the source to drop out", FIO_TIMEOUT, || {
+        log_of(&engine.proc)
+            .lines()
+            .any(|l| l.contains(DROPPED) && l.contains(&a.replica.addr))
+    });
+    let (ok, out) = qemu_io(&engine.uri(), &["write -P 0x42 0 1M"]);
+    assert!(
+        !ok,
+        "a write was acknowledged by the rebuilt replica alone, whose promotion the \
+         source never saved:\n{out}"
+    );
+
+    a.set_faults("");
+    wait_healthy(tmp.path(), "promo", 2);
+    qemu_io_ok(
+        &engine.uri(),
+        &["read -P 0x41 1M 15M", "write -P 0x43 0 1M", "flush"],
+        "after the source's disk recovered",
+    );
+    drop(engine);
+    assert_identical("promo", &[&a.replica, &b]);
+}

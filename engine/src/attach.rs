@@ -452,7 +452,14 @@ fn plan(
                     "a member of the volume {why}; it stays a member and is rebuilt when it \
                      answers (`shorthorn volume remove-replica` drops it)"
                 );
-                slots.push(Arc::new(Slot::new(&m.addr, &m.id, MemberState::Out)));
+                // Like a reachable one: an interrupted rebuild restarts in
+                // full.
+                let id = if m.state == MemberState::Rebuilding {
+                    ""
+                } else {
+                    m.id.as_str()
+                };
+                slots.push(Arc::new(Slot::new(&m.addr, id, MemberState::Out)));
             }
         }
     }

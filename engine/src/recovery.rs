@@ -317,6 +317,18 @@ impl Volume {
             Ok(other) => return Err(client.unexpected(&other).to_string()),
             Err(e) => return Err(e.to_string()),
         };
+        // A membership newer than any this engine has used was saved by
+        // an engine this one never heard of: that replica may hold writes
+        // no replica here has. Rebuilding it would overwrite them.
+        let ours = self.membership_epoch().await;
+        if state.membership.epoch > ours {
+            return Err(format!(
+                "replica {} holds a newer membership (epoch {}) than this engine's ({ours}): it \
+                 may hold writes no replica here has, so it is not rebuilt over. Stop this \
+                 engine and look with `shorthorn volume inspect`",
+                slot.addr, state.membership.epoch
+            ));
+        }
         let known = slot.id();
         let delta = !known.is_empty() && known == state.replica_id && !slot.full_rebuild_pending();
         if !known.is_empty() && known != state.replica_id {
@@ -345,22 +357,17 @@ impl Volume {
             slot.set_state(MemberState::Rebuilding);
         }
         self.bump_version();
-        self.ensure_membership().await.map_err(|e| e.to_string())?;
+        if let Err(e) = self.ensure_membership().await {
+            // No healthy replica took it (none may be left): out again, and
+            // retried, rather than left rebuilding with no rebuild running.
+            self.mark_out(slot, &e.to_string());
+            return Err(e.to_string());
+        }
 
         let result = self.rebuild(slot, &client, delta, &state.dirty).await;
         *slot.progress.finished.lock().unwrap() = Some(Instant::now());
         match result {
-            Ok(()) => {
-                if slot.transition(MemberState::Rebuilding, MemberState::Healthy) {
-                    slot.set_full_rebuild_pending(false);
-                    self.bump_version();
-                    self.ensure_membership().await.map_err(|e| e.to_string())?;
-                    *slot.progress.last.lock().unwrap() = None;
-                    Ok(())
-                } else {
-                    Err("replica failed during its rebuild".into())
-                }
-            }
+            Ok(()) => self.promote(slot).await,
             Err(e) => {
                 if e.remote().map(|r| r.code) == Some(ErrorCode::StaleGeneration) {
                     self.fail(slot, &e);
@@ -370,6 +377,31 @@ impl Volume {
                 Err(e.to_string())
             }
         }
+    }
+
+    /// Makes a rebuilt replica healthy. It counts as healthy only once a
+    /// replica that is healthy now has saved a membership listing it so:
+    /// otherwise a source that missed its promotion and then dropped out
+    /// would still see itself as the only up-to-date replica, start alone
+    /// later and serve data older than writes acknowledged since.
+    async fn promote(&self, slot: &Arc<Slot>) -> Result<(), String> {
+        slot.set_promoting(true);
+        self.bump_version();
+        let saved = self.ensure_membership().await;
+        slot.set_promoting(false);
+        if let Err(e) = saved {
+            self.mark_out(
+                slot,
+                &format!("its promotion to healthy was not saved: {e}"),
+            );
+            return Err(e.to_string());
+        }
+        if !slot.transition(MemberState::Rebuilding, MemberState::Healthy) {
+            return Err("replica failed during its rebuild".into());
+        }
+        slot.set_full_rebuild_pending(false);
+        *slot.progress.last.lock().unwrap() = None;
+        Ok(())
     }
 
     async fn rebuild(

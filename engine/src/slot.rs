@@ -19,6 +19,10 @@ pub struct Slot {
     /// A full rebuild of it has begun and not finished: it lacks data no
     /// dirty map records, so however it drops out, it comes back in full.
     full_rebuild_pending: AtomicBool,
+    /// Rebuilt, and being recorded as healthy: the membership lists it as
+    /// healthy while it does not yet count as such (see
+    /// `Volume::bring_back`).
+    promoting: AtomicBool,
     pub progress: RebuildProgress,
 }
 
@@ -56,6 +60,7 @@ impl Slot {
             state: AtomicU8::new(encode(state)),
             client: ArcSwapOption::empty(),
             full_rebuild_pending: AtomicBool::new(false),
+            promoting: AtomicBool::new(false),
             progress: RebuildProgress::default(),
         }
     }
@@ -116,8 +121,17 @@ impl Slot {
     /// it has made it healthy its id is left out: a later engine (or this
     /// one) then takes it for a new replica and rebuilds it in full, never
     /// by delta from dirty maps that do not cover what it lacks.
+    pub fn set_promoting(&self, promoting: bool) {
+        self.promoting.store(promoting, Ordering::Release);
+    }
+
     pub fn member(&self) -> Member {
-        let state = self.state();
+        let state = match self.state() {
+            MemberState::Rebuilding if self.promoting.load(Ordering::Acquire) => {
+                MemberState::Healthy
+            }
+            state => state,
+        };
         Member {
             id: if self.full_rebuild_pending() && state != MemberState::Healthy {
                 String::new()

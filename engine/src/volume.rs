@@ -257,11 +257,14 @@ impl Volume {
             // Used up whatever happens next: a replica that took this epoch
             // must never be sent it again with other contents.
             rec.epoch = m.epoch;
+            // By what each replica is now, not what the membership says:
+            // one being promoted is listed healthy but counts only once a
+            // replica that is healthy has taken the membership saying so.
             let mut healthy = Vec::new();
             let mut rebuilding = Vec::new();
-            for (slot, member) in slots.iter().zip(&m.members) {
+            for slot in slots.iter() {
                 if let (true, Some(c)) = (slot.takes_writes(), slot.client()) {
-                    match member.state {
+                    match slot.state() {
                         MemberState::Healthy => healthy.push((slot.clone(), c)),
                         _ => rebuilding.push((slot.clone(), c)),
                     }
@@ -269,45 +272,51 @@ impl Volume {
             }
             // Healthy replicas first: one being rebuilt never holds a
             // membership newer than every healthy replica's.
-            let healthy_acks = self.send_membership(&m, &healthy).await;
+            let mut took = self.send_membership(&m, &healthy).await;
             self.check_fenced()?;
-            if healthy_acks == 0 {
+            if took.is_empty() {
                 return Err(self.no_healthy());
             }
             rec.durable = m.clone();
-            self.send_membership(&m, &rebuilding).await;
+            took.extend(self.send_membership(&m, &rebuilding).await);
             self.check_fenced()?;
             rec.persisted_version = wanted;
             self.persisted_version.fetch_max(wanted, Ordering::AcqRel);
             info!(
                 volume = %self.name, epoch = m.epoch,
                 members = %m.members.iter().map(|x| format!("{}={}", x.addr, x.state.as_str())).collect::<Vec<_>>().join(","),
+                saved_on = %took.join(","),
                 "membership saved on the replicas"
             );
         }
     }
 
     /// Sends `m` to `targets` at once; marks out those that fail it and
-    /// returns how many took it.
+    /// returns the addresses of those that took it.
     async fn send_membership(
         &self,
         m: &Membership,
         targets: &[(Arc<Slot>, Arc<ReplicaClient>)],
-    ) -> usize {
+    ) -> Vec<String> {
         let results = join_all(
             targets
                 .iter()
                 .map(|(_, c)| c.start(Request::SetMembership(m.clone())).done()),
         )
         .await;
-        let mut took = 0;
+        let mut took = Vec::new();
         for ((slot, _), r) in targets.iter().zip(results) {
             match r {
-                Ok(()) => took += 1,
+                Ok(()) => took.push(slot.addr.clone()),
                 Err(e) => self.fail(slot, &e),
             }
         }
         took
+    }
+
+    /// The last membership epoch this engine used.
+    pub(crate) async fn membership_epoch(&self) -> u64 {
+        self.membership.lock().await.epoch
     }
 
     /// Lets `slot`, just reconnected through `client`, serve again as it

@@ -210,6 +210,9 @@ fn new_replica_id() -> String {
 }
 
 fn write_state(dir: &Path, replica_id: &str, m: &Membership) -> std::io::Result<()> {
+    if let Some(e) = crate::storage::io::fault::membership_fault(dir) {
+        return Err(e);
+    }
     let f = StateFile {
         replica_id: replica_id.to_string(),
         epoch: m.epoch,

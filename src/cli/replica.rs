@@ -92,7 +92,10 @@ async fn serve_replicas(args: ServeArgs) -> anyhow::Result<()> {
         .as_ref()
         .map(|_| FaultControl::new());
     let io: Arc<dyn DiskIo> = match &faults {
-        Some(control) => Arc::new(FaultyIo::new(io, control.clone())),
+        Some(control) => {
+            shorthorn_replica::storage::io::fault::install_membership_faults(control.clone());
+            Arc::new(FaultyIo::new(io, control.clone()))
+        }
         None => io,
     };
     let mut store = Store::open(&args.data_dir, io)

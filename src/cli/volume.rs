@@ -252,7 +252,10 @@ async fn inspect(a: InspectArgs) -> anyhow::Result<()> {
             .membership
             .members
             .iter()
-            .map(|m| format!("{} {}", m.addr, m.state.as_str()))
+            .map(|m| match m.id.is_empty() {
+                true => format!("{} {} (to rebuild in full)", m.addr, m.state.as_str()),
+                false => format!("{} {}", m.addr, m.state.as_str()),
+            })
             .collect::<Vec<_>>()
             .join(", ");
         println!(

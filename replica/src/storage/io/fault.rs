@@ -38,10 +38,22 @@ pub enum OpKind {
     Sync,
     /// Hole punching (TRIM, WRITE_ZEROES).
     Punch,
+    /// Saving a volume's membership (`state.json`), which goes through the
+    /// filesystem rather than [`DiskIo`]; not part of `all`.
+    Membership,
 }
 
 impl OpKind {
+    /// The disk IO operations (what `all` fails).
     pub const ALL: [OpKind; 4] = [OpKind::Read, OpKind::Write, OpKind::Sync, OpKind::Punch];
+    /// Every kind a plan can name.
+    const EVERY: [OpKind; 5] = [
+        OpKind::Read,
+        OpKind::Write,
+        OpKind::Sync,
+        OpKind::Punch,
+        OpKind::Membership,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -49,6 +61,7 @@ impl OpKind {
             OpKind::Write => "write",
             OpKind::Sync => "sync",
             OpKind::Punch => "punch",
+            OpKind::Membership => "membership",
         }
     }
 
@@ -100,7 +113,7 @@ impl Errno {
 /// operations that would fail have succeeded.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FaultPlan {
-    errors: [Option<Errno>; 4],
+    errors: [Option<Errno>; 5],
     under: Option<PathBuf>,
     after: u64,
 }
@@ -148,7 +161,7 @@ impl FaultPlan {
     /// text means no faults:
     ///
     /// ```text
-    /// write=eio            # OP=ERRNO, OP: read write sync punch all; ERRNO: eio enospc
+    /// write=eio            # OP=ERRNO, OP: read write sync punch membership all; ERRNO: eio enospc
     /// sync=enospc
     /// volume=v1            # only the files of volume v1 (default: every volume)
     /// after=100            # let 100 more matching operations succeed first
@@ -172,6 +185,7 @@ impl FaultPlan {
                 "write" => plan = plan.fail(OpKind::Write, errno()?),
                 "sync" => plan = plan.fail(OpKind::Sync, errno()?),
                 "punch" => plan = plan.fail(OpKind::Punch, errno()?),
+                "membership" => plan = plan.fail(OpKind::Membership, errno()?),
                 "all" => {
                     let e = errno()?;
                     for kind in OpKind::ALL {
@@ -193,7 +207,8 @@ impl FaultPlan {
                 }
                 _ => {
                     return Err(format!(
-                    "{word:?}: unknown key {key:?} (read, write, sync, punch, all, volume, after)"
+                    "{word:?}: unknown key {key:?} (read, write, sync, punch, membership, all, \
+                     volume, after)"
                 ))
                 }
             }
@@ -208,7 +223,7 @@ impl std::fmt::Display for FaultPlan {
             return f.write_str("none");
         }
         let mut sep = "";
-        for kind in OpKind::ALL {
+        for kind in OpKind::EVERY {
             if let Some(e) = self.errno(kind) {
                 write!(f, "{sep}{}={}", kind.name(), e.name())?;
                 sep = " ";
@@ -277,11 +292,17 @@ impl FaultControl {
 
     /// The error to fail this operation with, if the plan says so.
     fn check(&self, kind: OpKind, file: &File) -> Option<std::io::Error> {
+        self.check_at(kind, || file_path(file))
+    }
+
+    /// [`check`](Self::check) for an operation on whatever is at the path
+    /// `path` returns (asked only if the plan is limited to a directory).
+    fn check_at(&self, kind: OpKind, path: impl FnOnce() -> PathBuf) -> Option<std::io::Error> {
         let guard = self.active.load();
         let active = guard.as_ref()?;
         let errno = active.plan.errno(kind)?;
         if let Some(dir) = &active.plan.under {
-            if !file_is_under(file, dir) {
+            if !path().starts_with(dir) {
                 return None;
             }
         }
@@ -295,7 +316,8 @@ impl FaultControl {
         self.injected.fetch_add(1, Ordering::Relaxed);
         if !active.announced.swap(true, Ordering::AcqRel) {
             tracing::warn!(
-                op = kind.name(), error = errno.name(), file = %file_path(file).display(),
+                op = kind.name(),
+                error = errno.name(),
                 "injecting disk faults"
             );
         } else {
@@ -315,8 +337,21 @@ fn file_path(file: &File) -> PathBuf {
     std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd())).unwrap_or_default()
 }
 
-fn file_is_under(file: &File, dir: &Path) -> bool {
-    file_path(file).starts_with(dir)
+/// The fault control that membership saves consult, in a daemon started
+/// with fault injection (they do not go through [`DiskIo`]).
+static MEMBERSHIP_FAULTS: std::sync::OnceLock<Arc<FaultControl>> = std::sync::OnceLock::new();
+
+/// Lets `control`'s plan fail membership saves too (`membership=...`).
+pub fn install_membership_faults(control: Arc<FaultControl>) {
+    let _ = MEMBERSHIP_FAULTS.set(control);
+}
+
+/// The error a membership save in the volume directory `dir` must fail
+/// with, if fault injection is on and its plan says so.
+pub(crate) fn membership_fault(dir: &Path) -> Option<std::io::Error> {
+    MEMBERSHIP_FAULTS.get()?.check_at(OpKind::Membership, || {
+        dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf())
+    })
 }
 
 /// A [`DiskIo`] that fails what its [`FaultControl`] says and passes
