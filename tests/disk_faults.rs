@@ -485,9 +485,9 @@ fn a_rebuilt_replica_is_healthy_only_once_its_source_has_saved_so() {
     let engine = Engine::start(tmp.path(), "promo", &[&a.replica]);
     qemu_io_ok(&engine.uri(), &["write -P 0x41 0 16M", "flush"], "filling");
 
-    // The source saves the membership that starts the rebuild, then its
-    // disk refuses the next one: the promotion.
-    a.set_faults("membership=enospc after=1 volume=promo");
+    // The source saves the memberships that add the replica and start its
+    // rebuild, then its disk refuses the next one: the promotion.
+    a.set_faults("membership=enospc after=2 volume=promo");
     add_replica(tmp.path(), "promo", &b.addr);
     wait_until("the source to drop out", FIO_TIMEOUT, || {
         log_of(&engine.proc)

@@ -634,6 +634,41 @@ fn a_volume_whose_replicas_all_restart_serves_again() {
     common::bad_input::stop(&mut one);
 }
 
+/// One replica drops, the volume goes on with the other, then that one
+/// drops too; the first comes back first. It missed writes, so it must
+/// wait, out, for the second (not sit "rebuilding" with no rebuild, as it
+/// did); once the second is back the volume serves from it and rebuilds
+/// the first.
+#[test]
+fn replicas_back_in_the_wrong_order_converge() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut a = Replica::start(&tmp.path().join("a"), "auto");
+    let mut b = Replica::start(&tmp.path().join("b"), "auto");
+    create_volume("order", "16MiB", &[&a, &b]);
+    let engine = Engine::start(tmp.path(), "order", &[&a, &b]);
+    qemu_io_ok(&engine.uri(), &["write -P 0x11 0 8M", "flush"]);
+    a.proc.kill9();
+    qemu_io_ok(&engine.uri(), &["write -P 0x22 8M 4M", "flush"]);
+    b.proc.kill9();
+    wait_healthy(tmp.path(), "order", 0);
+    a.restart_after_kill9();
+    // a missed the second write: it must not serve, and waits for b.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        healthy(tmp.path(), "order"),
+        0,
+        "{:#}",
+        status_json(tmp.path(), "order")
+    );
+    let ar = replica_status(tmp.path(), "order", &a.addr);
+    assert_eq!(ar["state"], "out", "{ar:#}");
+    b.restart_after_kill9();
+    wait_healthy(tmp.path(), "order", 2);
+    qemu_io_ok(&engine.uri(), &["read -P 0x11 0 8M", "read -P 0x22 8M 4M"]);
+    drop(engine);
+    assert_identical("order", &[&a, &b]);
+}
+
 /// What a rebuild copied, and what was written just before a clean stop,
 /// is not compared again at the next start: once the replicas are
 /// identical and idle, their dirty maps are cleared (a full rebuild left

@@ -260,6 +260,13 @@ impl Volume {
                     return;
                 }
                 ticks = ticks.wrapping_add(1);
+                // A replica whose daemon went away while the volume was idle
+                // is out now, not at the next write.
+                for slot in v.slots.load().iter() {
+                    if slot.takes_writes() && slot.client().is_some_and(|c| c.is_closed()) {
+                        v.mark_out(slot, "its connection closed");
+                    }
+                }
                 if ticks.is_multiple_of(CLEAN_EVERY) {
                     v.clean_idle_regions().await;
                 }
