@@ -30,8 +30,7 @@ pub struct StatusArgs {
 pub struct ReplicaChangeArgs {
     /// Volume whose running engine makes the change.
     pub name: VolumeName,
-    /// Replica daemon (HOST:PORT) whose replica of the volume is added or
-    /// removed.
+    /// Replica daemon (HOST:PORT); each command says its part.
     #[arg(long, value_name = "HOST:PORT")]
     pub replica: String,
     /// The engine's run directory (where NAME.ctl is).

@@ -24,8 +24,14 @@ pub enum VolumeCommand {
     Status(super::engine_ctl::StatusArgs),
     /// Add a replica on another daemon to a running volume; it is rebuilt
     /// while the volume serves.
+    #[command(mut_arg("replica", |a| {
+        a.help("Replica daemon (HOST:PORT) to add; the volume is created there if it is not")
+    }))]
     AddReplica(super::engine_ctl::ReplicaChangeArgs),
     /// Remove a replica from a running volume.
+    #[command(mut_arg("replica", |a| {
+        a.help("Replica daemon (HOST:PORT) to take out of the volume, as the volume names it")
+    }))]
     RemoveReplica(super::engine_ctl::ReplicaChangeArgs),
     /// Show what each replica of a volume says about it (its id, generation,
     /// the membership it last saved, its dirty regions) and what an engine
