@@ -23,7 +23,7 @@ use tracing::{info, warn};
 use crate::error::{EngineError, VolumeOptions};
 use crate::replica_client::{ClientError, ReplicaClient};
 use crate::slot::Slot;
-use crate::tracker::union;
+use crate::tracker::{set_regions, union};
 use crate::volume::Volume;
 
 /// Dirty-region size the engine works in; replicas must agree.
@@ -273,13 +273,7 @@ pub async fn preview_start(
     let replicas = seen
         .into_iter()
         .map(|s| ReplicaView {
-            dirty_bytes: s
-                .state
-                .dirty
-                .iter()
-                .map(|b| b.count_ones() as u64)
-                .sum::<u64>()
-                * s.state.region_size,
+            dirty_bytes: set_regions(&s.state.dirty).count() as u64 * s.state.region_size,
             addr: s.addr,
             replica_id: s.state.replica_id,
             generation: s.info.generation,
@@ -401,6 +395,14 @@ fn plan(
         });
     }
 
+    // Why a member this start has no replica for is absent.
+    let absent = |addr: &str| {
+        if unreachable.iter().any(|(a, _)| a == addr) {
+            "cannot be reached"
+        } else {
+            "is not named with --replica"
+        }
+    };
     let mut missing = Vec::new();
     for m in &auth.members {
         let here = seen.iter().find(|s| s.state.replica_id == m.id);
@@ -419,10 +421,8 @@ fn plan(
                          created again",
                         m.addr, other.state.replica_id, m.id
                     )
-                } else if unreachable.iter().any(|(addr, _)| *addr == m.addr) {
-                    format!("{} cannot be reached", m.addr)
                 } else {
-                    format!("{} is not named with --replica", m.addr)
+                    format!("{} {}", m.addr, absent(&m.addr))
                 };
                 missing.push(why);
             }
@@ -442,11 +442,7 @@ fn plan(
                 // replica would supersede each other).
             }
             (_, None) => {
-                let why = if unreachable.iter().any(|(addr, _)| *addr == m.addr) {
-                    "cannot be reached"
-                } else {
-                    "is not named with --replica"
-                };
+                let why = absent(&m.addr);
                 info!(
                     volume = %name, replica = %m.addr, state = m.state.as_str(),
                     "a member of the volume {why}; it stays a member and is rebuilt when it \

@@ -21,7 +21,7 @@ pub struct Slot {
     full_rebuild_pending: AtomicBool,
     /// Rebuilt, and being recorded as healthy: the membership lists it as
     /// healthy while it does not yet count as such (see
-    /// `Volume::bring_back`).
+    /// `Volume::promote`).
     promoting: AtomicBool,
     pub progress: RebuildProgress,
 }
@@ -117,14 +117,15 @@ impl Slot {
         self.full_rebuild_pending.load(Ordering::Acquire)
     }
 
-    /// What the volume's membership records of it. Until a full rebuild of
-    /// it has made it healthy its id is left out: a later engine (or this
-    /// one) then takes it for a new replica and rebuilds it in full, never
-    /// by delta from dirty maps that do not cover what it lacks.
     pub fn set_promoting(&self, promoting: bool) {
         self.promoting.store(promoting, Ordering::Release);
     }
 
+    /// What the volume's membership records of it: healthy while it is
+    /// being promoted. Until a full rebuild of it has made it healthy its
+    /// id is left out: a later engine (or this one) then takes it for a new
+    /// replica and rebuilds it in full, never by delta from dirty maps that
+    /// do not cover what it lacks.
     pub fn member(&self) -> Member {
         let state = match self.state() {
             MemberState::Rebuilding if self.promoting.load(Ordering::Acquire) => {
