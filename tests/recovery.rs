@@ -163,6 +163,106 @@ fn engine_killed_mid_write_is_reconciled_cheaply() {
     assert_identical("crash", &[&a, &b]);
 }
 
+/// One request to the engine control socket of `volume` in `dir`, and
+/// its answer; `None` while nothing answers there.
+fn control_request(dir: &Path, volume: &str, req: &serde_json::Value) -> Option<serde_json::Value> {
+    use std::io::{BufRead, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(dir.join(format!("{volume}.ctl"))).ok()?;
+    writeln!(s, "{req}").ok()?;
+    let mut line = String::new();
+    std::io::BufReader::new(s).read_line(&mut line).ok()?;
+    serde_json::from_str(&line).ok()
+}
+
+/// An engine starting after a crash answers on its control socket while
+/// it compares the replicas: `volume status` says it is starting and how
+/// far it is, and replicas cannot be added or removed until it serves.
+/// Replica b is frozen (SIGSTOP) as soon as the control socket answers, so
+/// the comparison cannot end while the test looks; once b goes on, the
+/// engine serves the acknowledged bytes.
+#[test]
+fn a_starting_engine_says_how_far_its_comparison_is() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = Replica::start(&tmp.path().join("a"), "auto");
+    let b = Replica::start(&tmp.path().join("b"), "auto");
+    create_volume("slow", "1GiB", &[&a, &b]);
+    let mut engine = Engine::start_with(tmp.path(), "slow", &[&a, &b], &["--clean-after", "60s"]);
+    qemu_io_ok(&engine.uri(), &["write -P 0x6b 0 256M", "flush"]);
+    engine.proc.kill9();
+
+    // The crashed engine's socket file stays behind and answers nothing.
+    let status = serde_json::json!({"op": "status"});
+    assert!(control_request(tmp.path(), "slow", &status).is_none());
+    let mut engine = Engine::spawn(tmp.path(), "slow", &[&a, &b], &["--io-timeout", "60s"]);
+    let deadline = Instant::now() + STEP;
+    while control_request(tmp.path(), "slow", &status).is_none() {
+        assert!(
+            engine.proc.is_running(),
+            "engine exited:\n{}",
+            engine.proc.log_text()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the starting engine's control socket never answered"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    b.proc.signal(nix::sys::signal::Signal::SIGSTOP);
+
+    let s = status_json(tmp.path(), "slow");
+    let r = &s["reconcile"];
+    assert_eq!(s["starting"], true, "{s:#}");
+    assert_eq!(
+        r["bytes_total"],
+        256u64 << 20,
+        "the 256 MiB written are to be compared: {s:#}"
+    );
+    assert!(
+        r["bytes_compared"].as_u64().unwrap() < 256 << 20,
+        "b is frozen, yet the comparison ended: {s:#}"
+    );
+    assert!(
+        std::os::unix::net::UnixStream::connect(&engine.socket).is_err(),
+        "the engine serves NBD before the replicas are compared"
+    );
+    let text = shorthorn(&[
+        "volume",
+        "status",
+        "slow",
+        "--run-dir",
+        tmp.path().to_str().unwrap(),
+    ]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("starting: comparing the replicas") && text.contains("of 256 MiB compared"),
+        "{text}"
+    );
+    let refused = control_request(
+        tmp.path(),
+        "slow",
+        &serde_json::json!({"op": "remove-replica", "addr": b.addr}),
+    )
+    .expect("the starting engine answers");
+    assert_eq!(refused["ok"], false, "{refused:#}");
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .contains("still starting"),
+        "{refused:#}"
+    );
+
+    b.proc.signal(nix::sys::signal::Signal::SIGCONT);
+    engine.wait_serving(STEP);
+    let s = status_json(tmp.path(), "slow");
+    assert_eq!(s["starting"], false, "{s:#}");
+    assert_eq!(s["healthy"], 2, "{s:#}");
+    assert_eq!(s["reconcile"]["bytes_compared"], 256u64 << 20, "{s:#}");
+    qemu_io_ok(&engine.uri(), &["read -P 0x6b 0 256M"]);
+    drop(engine);
+    assert_identical("slow", &[&a, &b]);
+}
+
 /// `--clean-after` is how long a written region stays dirty: inside it an
 /// engine crash costs a compare of the region, after it nothing. The first
 /// engine keeps regions dirty for 30 s, so the crash 2.5 s after its write

@@ -35,14 +35,47 @@ pub(crate) struct Seen {
     pub(crate) state: WireState,
 }
 
+/// A volume this engine has claimed, whose start is not finished: the
+/// replicas that may differ where writes were in flight when the last
+/// engine stopped are not compared yet. [`Starting::finish`] compares them
+/// and hands the volume over, ready to serve. Until then the volume
+/// answers `status` (it says it is starting) and nothing else.
+pub struct Starting {
+    volume: Arc<Volume>,
+    /// Regions to compare (a bitmap, as the replicas keep them).
+    dirty: Vec<u8>,
+}
+
+impl Starting {
+    pub fn volume(&self) -> &Arc<Volume> {
+        &self.volume
+    }
+
+    /// Makes the up-to-date replicas identical where writes may have been
+    /// in flight, and returns the volume ready to serve, with the recovery
+    /// loop running.
+    pub async fn finish(self) -> Result<Arc<Volume>, EngineError> {
+        let Starting { volume, dirty } = self;
+        volume.reconcile(&dirty).await?;
+        volume.started();
+        info!(
+            volume = %volume.name, size = volume.size, generation = %volume.generation,
+            healthy = volume.healthy_count(), replicas = volume.slots.load().len(),
+            "volume attached"
+        );
+        volume.clone().spawn_recovery();
+        Ok(volume)
+    }
+}
+
 impl Volume {
     /// Attaches to the volume's replicas (as listed by the operator) and
-    /// returns it ready to serve, with the recovery loop running.
-    pub async fn open(
+    /// claims it; [`Starting::finish`] then readies it to serve.
+    pub async fn claim(
         name: VolumeName,
         addrs: &[String],
         options: &VolumeOptions,
-    ) -> Result<Arc<Volume>, EngineError> {
+    ) -> Result<Starting, EngineError> {
         // Another engine starting at the same moment can change the
         // membership between our look and our claim; then the look is
         // stale and we start over (our claim has fenced the other by then).
@@ -62,7 +95,7 @@ impl Volume {
         name: VolumeName,
         addrs: &[String],
         options: &VolumeOptions,
-    ) -> Result<Arc<Volume>, EngineError> {
+    ) -> Result<Starting, EngineError> {
         let timeout = options.io_timeout;
         let client = options.client_id.as_str();
         let vol = name.to_string();
@@ -151,21 +184,14 @@ impl Volume {
         ));
         volume.ensure_membership().await?;
 
-        // 4. Make the up-to-date replicas identical where writes may have
-        // been in flight when the last engine stopped.
+        // 4. Where writes may have been in flight when the last engine
+        // stopped, the up-to-date replicas may differ: Starting::finish
+        // compares them there.
         let dirty = healthy
             .iter()
             .filter_map(|id| seen.iter().find(|s| &s.state.replica_id == id))
             .fold(Vec::new(), |acc, s| union(&acc, &s.state.dirty));
-        volume.reconcile(&dirty).await?;
-
-        info!(
-            volume = %name, size, %generation,
-            healthy = volume.healthy_count(), replicas = volume.slots.load().len(),
-            "volume attached"
-        );
-        volume.clone().spawn_recovery();
-        Ok(volume)
+        Ok(Starting { volume, dirty })
     }
 }
 

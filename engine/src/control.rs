@@ -21,10 +21,11 @@ use crate::volume::Volume;
 pub struct ControlSocket(JsonSocket);
 
 impl ControlSocket {
-    /// Binds at `path`. Call it once the volume is attached: the newest
-    /// engine for a volume takes the socket over (an older one still
-    /// running has been fenced by this one's claim, so the status people
-    /// want is this engine's), and one that lost the race must not.
+    /// Binds at `path`. Call it once the volume is claimed
+    /// ([`Volume::claim`](crate::Volume::claim)): the newest engine for a
+    /// volume takes the socket over (an older one still running has been
+    /// fenced by this one's claim, so the status people want is this
+    /// engine's), and one that lost the race must not.
     pub fn bind(path: &Path) -> std::io::Result<ControlSocket> {
         // Only a socket is taken over; a file given by mistake is left alone.
         if crate::nbd::socket_file_at(path)? {
@@ -130,7 +131,16 @@ use tokio::io::AsyncReadExt;
 
 async fn handle(volume: &Arc<Volume>, req: &Value) -> Value {
     let addr = req.get("addr").and_then(Value::as_str).unwrap_or("");
-    match req.get("op").and_then(Value::as_str) {
+    let op = req.get("op").and_then(Value::as_str);
+    if volume.is_starting() && matches!(op, Some("add-replica" | "remove-replica")) {
+        return json!({
+            "ok": false,
+            "error": "the engine is still starting (comparing its replicas where writes may have \
+                      been in flight when the last engine stopped); try again once it serves, \
+                      `shorthorn volume status` says how far it is",
+        });
+    }
+    match op {
         Some("status") => status(volume),
         Some("add-replica") if !addr.is_empty() => match volume.add_replica(addr).await {
             Ok(()) => json!({"ok": true}),
@@ -172,7 +182,9 @@ pub fn status(volume: &Volume) -> Value {
         "generation": volume.generation().0,
         "healthy": volume.healthy_count(),
         "replicas": replicas,
+        "starting": volume.is_starting(),
         "reconcile": {
+            "bytes_total": volume.stats().reconcile_total.load(Ordering::Relaxed),
             "bytes_compared": volume.stats().reconcile_compared.load(Ordering::Relaxed),
             "bytes_copied": volume.stats().reconcile_copied.load(Ordering::Relaxed),
         },

@@ -69,6 +69,9 @@ impl Volume {
         }
         let started = Instant::now();
         let region_size = self.tracker.region_size();
+        self.stats
+            .reconcile_total
+            .store(regions.len() as u64 * region_size, Ordering::Relaxed);
         info!(
             volume = %self.name, regions = regions.len(),
             bytes = regions.len() as u64 * region_size,
@@ -87,21 +90,21 @@ impl Volume {
             }
             for target in others {
                 match self.sync_region(r, source, target).await {
-                    Ok(n) => copied += n,
+                    Ok(n) => {
+                        copied += n;
+                        self.stats.reconcile_copied.fetch_add(n, Ordering::Relaxed);
+                    }
                     Err((bad, e)) => {
                         self.fail(&bad, &e);
                         self.check_fenced()?;
                     }
                 }
             }
+            self.stats
+                .reconcile_compared
+                .fetch_add(region_size, Ordering::Relaxed);
         }
         let compared = regions.len() as u64 * region_size;
-        self.stats
-            .reconcile_compared
-            .fetch_add(compared, Ordering::Relaxed);
-        self.stats
-            .reconcile_copied
-            .fetch_add(copied, Ordering::Relaxed);
         info!(
             volume = %self.name, regions = regions.len(), bytes_compared = compared,
             bytes_copied = copied, volume_size = self.size, ms = started.elapsed().as_millis() as u64,

@@ -73,11 +73,19 @@ pub struct Volume {
     /// so the loop can wait on it without keeping the volume alive.
     pub(crate) wake: Arc<Notify>,
     pub(crate) stats: RecoveryStats,
+    /// Set until the start is finished ([`crate::attach::Starting`]): the
+    /// volume is claimed but not served yet, and its membership is not
+    /// changed from outside.
+    starting: AtomicBool,
 }
 
 /// What recovery did, for logs, status and tests.
 #[derive(Default)]
 pub struct RecoveryStats {
+    /// Bytes the start compares between the replicas (the regions where
+    /// writes may have been in flight when the last engine stopped).
+    pub reconcile_total: AtomicU64,
+    /// Of those, compared so far, and copied from one replica to another.
     pub reconcile_compared: AtomicU64,
     pub reconcile_copied: AtomicU64,
 }
@@ -111,7 +119,18 @@ impl Volume {
             }),
             wake: Arc::new(Notify::new()),
             stats: RecoveryStats::default(),
+            starting: AtomicBool::new(true),
         }
+    }
+
+    /// True until the start has made the replicas identical: the volume
+    /// is claimed, not served yet.
+    pub fn is_starting(&self) -> bool {
+        self.starting.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn started(&self) {
+        self.starting.store(false, Ordering::Release);
     }
 
     pub fn name(&self) -> &VolumeName {

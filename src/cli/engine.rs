@@ -225,12 +225,49 @@ pub async fn run_engine(
         client_id: VolumeOptions::unique_client_id(args.name.as_str()),
         allow_missing_replicas: args.allow_missing_replicas,
     };
-    let volume = Volume::open(args.name.clone(), &args.replicas, &options)
+    let starting = Volume::claim(args.name.clone(), &args.replicas, &options)
         .await
         .with_context(|| format!("attaching volume {}", args.name))?;
-    let server = NbdServer::bind(args.nbd.clone())
-        .await
-        .with_context(|| format!("listening for NBD on {}", args.nbd))?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    // Bound before the start compares the replicas, which after a crash
+    // can take a while: `volume status` says how far it is.
+    let control = ControlSocket::bind(&control_path).with_context(|| {
+        format!(
+            "creating the engine's control socket {} (choose another place with --run-dir)",
+            control_path.display()
+        )
+    })?;
+    let control = tokio::spawn(control.serve(starting.volume().clone(), stopped(stop_rx.clone())));
+    info!(volume = %args.name, control = %control_path.display(), "control socket ready");
+    tokio::pin!(stop);
+    let finished = tokio::select! {
+        r = starting.finish() => Some(r),
+        _ = &mut stop => None,
+    };
+    let volume = match finished {
+        Some(Ok(volume)) => volume,
+        Some(Err(e)) => {
+            stop_control(&stop_tx, control).await;
+            return Err(e).with_context(|| format!("attaching volume {}", args.name));
+        }
+        None => {
+            // Nothing was served; the regions not compared yet stay marked
+            // on the replicas, so the next start compares them.
+            info!(volume = %args.name, "stopped while starting; the next start compares the replicas again");
+            stop_control(&stop_tx, control).await;
+            return Ok(());
+        }
+    };
+    let server = match NbdServer::bind(args.nbd.clone()).await {
+        Ok(server) => server,
+        Err(e) => {
+            stop_control(&stop_tx, control).await;
+            return Err(e).with_context(|| format!("listening for NBD on {}", args.nbd));
+        }
+    };
     let uri = server.uri(args.name.as_str());
     info!(
         volume = %args.name, uri = %uri, generation = %volume.generation(),
@@ -242,35 +279,18 @@ pub async fn run_engine(
         max_connections: args.max_connections,
     };
     let backend = Arc::new(VolumeBackend::new(volume.clone()));
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
-    let control = ControlSocket::bind(&control_path).with_context(|| {
-        format!(
-            "creating the engine's control socket {} (choose another place with --run-dir)",
-            control_path.display()
-        )
-    })?;
-    let control = tokio::spawn(control.serve(volume.clone(), stopped(stop_rx.clone())));
-    info!(volume = %args.name, control = %control_path.display(), "control socket ready");
     ready(uri);
     let serving = server.run(config, backend, stopped(stop_rx));
     tokio::pin!(serving);
     let served = tokio::select! {
         r = &mut serving => r,
-        _ = stop => {
+        _ = &mut stop => {
             let _ = stop_tx.send(true);
             serving.await
         }
     };
-    let _ = stop_tx.send(true);
+    stop_control(&stop_tx, control).await;
     served.context("serving NBD")?;
-    match control.await {
-        Ok(Err(e)) => error!(error = %e, "control socket failed"),
-        Err(e) => error!(error = %e, "control socket task failed"),
-        Ok(Ok(())) => {}
-    }
     info!(volume = %args.name, "stopping: flushing the volume");
     match volume.flush().await {
         Ok(()) => volume.clean_at_stop().await,
@@ -278,6 +298,20 @@ pub async fn run_engine(
     }
     release(volume, &args.name).await;
     Ok(())
+}
+
+/// Tells the control socket to stop and waits until it has (its file is
+/// gone then).
+async fn stop_control(
+    stop_tx: &tokio::sync::watch::Sender<bool>,
+    control: tokio::task::JoinHandle<std::io::Result<()>>,
+) {
+    let _ = stop_tx.send(true);
+    match control.await {
+        Ok(Err(e)) => error!(error = %e, "control socket failed"),
+        Err(e) => error!(error = %e, "control socket task failed"),
+        Ok(Ok(())) => {}
+    }
 }
 
 /// Lets go of the volume and waits, for a while, until no task holds it

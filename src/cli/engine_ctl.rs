@@ -49,8 +49,8 @@ async fn ask(run_dir: &Path, name: &VolumeName, req: Value) -> anyhow::Result<Va
         .with_context(|| {
             format!(
                 "no engine for volume {name} answers at {} (is it running? is --run-dir right? An \
-                 engine that is still starting, comparing replicas after a crash, answers once \
-                 it serves; its log says how far it is)",
+                 engine answers once it has reached its replicas; until then its log says what \
+                 it waits for)",
                 path.display()
             )
         })?;
@@ -87,6 +87,21 @@ fn print_status(s: &Value) {
         n(s, "generation"),
         n(s, "healthy")
     );
+    if s["starting"] == Value::Bool(true) {
+        let r = &s["reconcile"];
+        let total = n(r, "bytes_total");
+        if total > 0 {
+            println!(
+                "starting: comparing the replicas where writes may have been in flight when the \
+                 last engine stopped: {} of {} compared, {} copied; serving once done",
+                human(n(r, "bytes_compared")),
+                human(total),
+                human(n(r, "bytes_copied"))
+            );
+        } else {
+            println!("starting: serving in a moment");
+        }
+    }
     println!("{:<24} {:<20} {:<11} REBUILD", "REPLICA", "ID", "STATE");
     for r in s["replicas"].as_array().into_iter().flatten() {
         let rb = &r["rebuild"];

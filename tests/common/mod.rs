@@ -476,6 +476,13 @@ impl Engine {
     }
 
     pub fn start_with(dir: &Path, volume: &str, replicas: &[&Replica], extra: &[&str]) -> Engine {
+        let mut engine = Self::spawn(dir, volume, replicas, extra);
+        engine.wait_serving(Duration::from_secs(20));
+        engine
+    }
+
+    /// Starts an engine without waiting for it to serve.
+    pub fn spawn(dir: &Path, volume: &str, replicas: &[&Replica], extra: &[&str]) -> Engine {
         let stamp = now_ms();
         let socket = dir.join(format!("{volume}-{stamp}.sock"));
         let mut cmd = Command::new(BIN);
@@ -488,21 +495,30 @@ impl Engine {
             cmd.args(["--replica", &r.addr]);
         }
         cmd.args(extra);
-        let mut proc = Proc::spawn(
+        let proc = Proc::spawn(
             &format!("engine {volume}"),
             &mut cmd,
             dir.join(format!("engine-{volume}-{stamp}.log")),
         );
-        let deadline = Instant::now() + Duration::from_secs(20);
+        Engine { proc, socket }
+    }
+
+    /// Waits until the engine serves NBD; panics if it exits first or
+    /// takes longer than `limit`.
+    pub fn wait_serving(&mut self, limit: Duration) {
+        let deadline = Instant::now() + limit;
         loop {
-            assert!(proc.is_running(), "engine exited:\n{}", proc.log_text());
-            if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
-                break;
+            assert!(
+                self.proc.is_running(),
+                "engine exited:\n{}",
+                self.proc.log_text()
+            );
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return;
             }
             assert!(Instant::now() < deadline, "engine never served NBD");
             std::thread::sleep(Duration::from_millis(20));
         }
-        Engine { proc, socket }
     }
 
     /// An engine on one replica of a volume that has more, telling it the
