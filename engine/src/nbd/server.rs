@@ -111,7 +111,8 @@ impl NbdServer {
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut connections = JoinSet::new();
         let next_id = AtomicU64::new(1);
-        tracing::info!(export = %config.export_name, listen = %bound, "NBD server listening");
+        // The address as --nbd takes it; the engine logs the export's URI.
+        tracing::info!(export = %config.export_name, listen = %bound.to_arg(), "NBD server listening");
 
         tokio::pin!(shutdown);
         loop {
