@@ -5,7 +5,10 @@
 //! After every round both replicas must be healthy again within two
 //! minutes; every few rounds, and at the end, everything fio wrote in a
 //! round that finished cleanly is read back and verified; at the end the
-//! replicas must be byte-identical.
+//! replicas must be byte-identical. It runs twice: with the engine in a
+//! process of its own, and hosted in replica daemon a (as on a node that
+//! uses the volume and holds one of its replicas), where killing that
+//! daemon kills the engine too.
 //!
 //! ```sh
 //! SHORTHORN_SOAK_SECS=1800 cargo test --release --test soak -- --ignored --nocapture
@@ -95,12 +98,8 @@ fn job(stripe: u64, seed: u64) -> Vec<String> {
     .into()
 }
 
-fn start_engine(dir: &Path, replicas: &[&Replica]) -> Engine {
-    Engine::start_with(dir, VOLUME, replicas, &["--io-timeout", IO_TIMEOUT])
-}
-
 /// Reads back every stripe whose last writes finished cleanly.
-fn check_all(dir: &Path, engine: &Engine, written: &[Option<u64>], round: u64) {
+fn check_all(dir: &Path, uri: &str, written: &[Option<u64>], round: u64) {
     for (stripe, seed) in written.iter().enumerate() {
         let Some(seed) = *seed else { continue };
         let mut job = job(stripe as u64, seed);
@@ -108,7 +107,7 @@ fn check_all(dir: &Path, engine: &Engine, written: &[Option<u64>], round: u64) {
         let report = Fio::run(
             dir,
             &format!("check{round}-{stripe}"),
-            &engine.uri(),
+            uri,
             &as_args(&job),
             STEP,
         );
@@ -121,9 +120,139 @@ fn check_all(dir: &Path, engine: &Engine, written: &[Option<u64>], round: u64) {
     }
 }
 
+/// Where the volume's engine runs.
+#[derive(Clone, Copy, PartialEq)]
+enum Placement {
+    /// `engine serve`, a process of its own.
+    Process,
+    /// `engine start --daemon` in replica daemon a, as on a node that uses
+    /// the volume and holds one of its replicas: when that daemon dies,
+    /// the engine dies with it.
+    Hosted,
+}
+
+enum Running {
+    Process(Engine),
+    Hosted(HostedEngine),
+}
+
+/// Two replica daemons (a, b) and the volume's engine.
+struct Cluster<'a> {
+    dir: &'a Path,
+    placement: Placement,
+    replicas: [Replica; 2],
+    engine: Running,
+}
+
+impl<'a> Cluster<'a> {
+    fn start(dir: &'a Path, placement: Placement) -> Cluster<'a> {
+        let a = match placement {
+            Placement::Process => Replica::start(&dir.join("a"), "uring"),
+            Placement::Hosted => Replica::start_hosting(&dir.join("a"), "uring"),
+        };
+        let replicas = [a, Replica::start(&dir.join("b"), "sync")];
+        let size = format!("{}MiB", (STRIPES * STRIPE) >> 20);
+        create_volume(VOLUME, &size, &[&replicas[0], &replicas[1]]);
+        let engine = Cluster::start_engine(dir, placement, &replicas);
+        Cluster {
+            dir,
+            placement,
+            replicas,
+            engine,
+        }
+    }
+
+    fn start_engine(dir: &Path, placement: Placement, replicas: &[Replica; 2]) -> Running {
+        let both = [&replicas[0], &replicas[1]];
+        let flags = ["--io-timeout", IO_TIMEOUT];
+        match placement {
+            Placement::Process => Running::Process(Engine::start_with(dir, VOLUME, &both, &flags)),
+            Placement::Hosted => Running::Hosted(HostedEngine::start_with(
+                &replicas[0],
+                dir,
+                VOLUME,
+                &both,
+                &flags,
+            )),
+        }
+    }
+
+    fn restart_engine(&mut self) {
+        self.engine = Cluster::start_engine(self.dir, self.placement, &self.replicas);
+    }
+
+    fn uri(&self) -> String {
+        match &self.engine {
+            Running::Process(e) => e.uri(),
+            Running::Hosted(e) => e.uri(),
+        }
+    }
+
+    /// Whether replica daemon `which` also runs the engine.
+    fn hosts_engine(&self, which: usize) -> bool {
+        self.placement == Placement::Hosted && which == 0
+    }
+
+    /// kill -9 of the daemons `which`, and new ones after `down`.
+    /// Returns whether the engine went too (and was started again).
+    fn kill_replicas(&mut self, which: &[usize], down: Duration) -> bool {
+        let engine_too = which.iter().any(|&w| self.hosts_engine(w));
+        if let (true, Running::Hosted(e)) = (engine_too, &mut self.engine) {
+            e.forget();
+        }
+        for &w in which {
+            self.replicas[w].proc.kill9();
+        }
+        std::thread::sleep(down);
+        for &w in which {
+            match self.hosts_engine(w) {
+                true => self.replicas[w].restart_hosting_after_kill9(),
+                false => self.replicas[w].restart_after_kill9(),
+            }
+        }
+        if engine_too {
+            self.restart_engine();
+        }
+        engine_too
+    }
+
+    /// kill -9 of the engine (of its daemon, when hosted); a new one.
+    fn kill_engine(&mut self) {
+        match &mut self.engine {
+            Running::Process(e) => {
+                e.proc.kill9();
+                self.restart_engine();
+            }
+            Running::Hosted(_) => {
+                self.kill_replicas(&[0], Duration::ZERO);
+            }
+        }
+    }
+
+    /// A clean stop of the engine.
+    fn stop_engine(&mut self) {
+        match &mut self.engine {
+            Running::Process(e) => {
+                sigterm_and_wait(&mut e.proc, STEP);
+            }
+            Running::Hosted(e) => e.stop_ok(),
+        }
+    }
+}
+
 #[test]
 #[ignore = "a long soak: run with --ignored (SHORTHORN_SOAK_SECS, SHORTHORN_SOAK_SEED)"]
 fn two_replicas_survive_random_failures_under_verified_writes() {
+    soak(Placement::Process);
+}
+
+#[test]
+#[ignore = "a long soak: run with --ignored (SHORTHORN_SOAK_SECS, SHORTHORN_SOAK_SEED)"]
+fn a_hosted_engine_and_its_replicas_survive_random_failures_under_verified_writes() {
+    soak(Placement::Hosted);
+}
+
+fn soak(placement: Placement) {
     let secs: u64 = std::env::var("SHORTHORN_SOAK_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -137,13 +266,7 @@ fn two_replicas_survive_random_failures_under_verified_writes() {
 
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let mut replicas = [
-        Replica::start(&dir.join("a"), "uring"),
-        Replica::start(&dir.join("b"), "sync"),
-    ];
-    let size = format!("{}MiB", (STRIPES * STRIPE) >> 20);
-    create_volume(VOLUME, &size, &[&replicas[0], &replicas[1]]);
-    let mut engine = start_engine(dir, &[&replicas[0], &replicas[1]]);
+    let mut cluster = Cluster::start(dir, placement);
 
     // Per stripe, the seed of the last round that wrote it cleanly; None
     // where a round was cut short (its data is a mix of two rounds).
@@ -159,46 +282,36 @@ fn two_replicas_survive_random_failures_under_verified_writes() {
         let mut fio = Fio::start(
             dir,
             &format!("round{round}"),
-            &engine.uri(),
+            &cluster.uri(),
             &as_args(&job(stripe, job_seed)),
         );
         std::thread::sleep(Duration::from_millis(rng.gen_range(100..1000)));
         let under_io = fio.proc.is_running();
         under_io_count += u64::from(under_io);
         eprintln!("round {round}: stripe {stripe}, {fault:?}, under IO: {under_io}");
-        match fault {
-            Fault::KillReplica { which, down } => {
-                replicas[which].proc.kill9();
-                std::thread::sleep(down);
-                replicas[which].restart_after_kill9();
-            }
+        let engine_went = match fault {
+            Fault::KillReplica { which, down } => cluster.kill_replicas(&[which], down),
             Fault::FreezeReplica { which, frozen } => {
-                replicas[which].proc.signal(Signal::SIGSTOP);
+                cluster.replicas[which].proc.signal(Signal::SIGSTOP);
                 std::thread::sleep(frozen);
-                replicas[which].proc.signal(Signal::SIGCONT);
+                cluster.replicas[which].proc.signal(Signal::SIGCONT);
+                false
             }
-            Fault::KillBothReplicas { down } => {
-                for r in replicas.iter_mut() {
-                    r.proc.kill9();
-                }
-                std::thread::sleep(down);
-                for r in replicas.iter_mut() {
-                    r.restart_after_kill9();
-                }
-            }
+            Fault::KillBothReplicas { down } => cluster.kill_replicas(&[0, 1], down),
             Fault::KillEngine => {
-                engine.proc.kill9();
-                engine = start_engine(dir, &[&replicas[0], &replicas[1]]);
+                cluster.kill_engine();
+                true
             }
             Fault::StopEngine => {
-                sigterm_and_wait(&mut engine.proc, STEP);
-                engine = start_engine(dir, &[&replicas[0], &replicas[1]]);
+                cluster.stop_engine();
+                cluster.restart_engine();
+                true
             }
-        }
+        };
         // fio never hangs: with a replica gone it goes on, with the engine
         // gone it fails at once.
         let report = fio.wait(STEP);
-        if fault.fails_io() && under_io {
+        if (engine_went || fault.fails_io()) && under_io {
             written[stripe as usize] = None;
         } else {
             report.assert_clean();
@@ -208,13 +321,13 @@ fn two_replicas_survive_random_failures_under_verified_writes() {
         wait_healthy_within(dir, VOLUME, 2, STEP);
         round += 1;
         if round % CHECK_EVERY == 0 {
-            check_all(dir, &engine, &written, round);
+            check_all(dir, &cluster.uri(), &written, round);
         }
     }
 
-    check_all(dir, &engine, &written, round);
-    sigterm_and_wait(&mut engine.proc, STEP);
-    assert_identical(VOLUME, &[&replicas[0], &replicas[1]]);
+    check_all(dir, &cluster.uri(), &written, round);
+    cluster.stop_engine();
+    assert_identical(VOLUME, &[&cluster.replicas[0], &cluster.replicas[1]]);
     eprintln!(
         "soak: {round} rounds in {secs} s ({under_io_count} faults while fio wrote), no data \
          lost, replicas identical (SHORTHORN_SOAK_SEED={seed})"

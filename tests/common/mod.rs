@@ -175,6 +175,14 @@ impl Replica {
         let again = Replica::start_at(&self.dir, &self.io_engine, &self.addr);
         *self = again;
     }
+
+    /// Kills a daemon that hosts engines (`kill -9`: they die with it) and
+    /// starts it again, hosting, on the same port.
+    pub fn restart_hosting_after_kill9(&mut self) {
+        self.proc.kill9();
+        let again = Replica::start_hosting_at(&self.dir, &self.io_engine, &self.addr);
+        *self = again;
+    }
 }
 
 /// Replica daemons that also host engines (`--engine-control`).
