@@ -17,6 +17,7 @@ pub mod frame;
 pub mod local;
 pub mod membership;
 pub mod message;
+pub mod net;
 pub mod units;
 
 pub use codec::{FrameReader, FrameWriter};

@@ -170,8 +170,10 @@ impl Listener {
             Listener::Tcp(listener) => {
                 let (stream, peer) = listener.accept().await?;
                 // Replies are batched by the writer already; Nagle would only
-                // delay the last reply of a burst.
+                // delay the last reply of a burst. A client whose node
+                // vanished gives its connection slot back within ~80 s.
                 stream.set_nodelay(true)?;
+                shorthorn_proto::net::keep_alive(&stream)?;
                 Ok(Accepted::Tcp(stream, peer))
             }
         }

@@ -716,3 +716,27 @@ async fn serve_binds_serves_and_cleans_up() {
         .unwrap();
     assert!(!path.exists());
 }
+
+/// A TCP client whose node vanishes (power cut, network gone) never closes
+/// its connection; the server's keepalive probes close it, giving its
+/// connection slot back. The kernel shows the probe timer on the server's
+/// side of a connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_connections_are_probed_when_idle() {
+    let backend = MemBackend::new(SIZE);
+    let server = TestServer::start_default(Kind::Tcp, &backend).await;
+    let NbdListen::Tcp(addr) = server.listen else {
+        unreachable!("a TCP server")
+    };
+    let _client = Raw::greeted(&server.listen).await;
+    let out = std::process::Command::new("ss")
+        .args(["-tnoH", "state", "established"])
+        .arg(format!("( sport = :{} )", addr.port()))
+        .output()
+        .expect("ss (iproute2) runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines().count() == 1 && text.contains("timer:(keepalive"),
+        "the server's side of the connection has no keepalive timer:\n{text}"
+    );
+}
