@@ -12,6 +12,48 @@ use std::time::{Duration, Instant};
 use common::*;
 use nix::sys::signal::Signal;
 
+/// A replica whose node goes silent while the volume is idle (its
+/// connection stays open: a power cut, a network gone) is marked out
+/// within the engine's ping interval (5 s) plus the IO timeout, with no IO
+/// at all, so `volume status` does not call it healthy for hours; once it
+/// answers again it is rebuilt and joins.
+#[test]
+fn a_replica_gone_silent_while_idle_is_noticed_without_io() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r1 = Replica::start(&tmp.path().join("r1"), "uring");
+    let r2 = Replica::start(&tmp.path().join("r2"), "sync");
+    create_volume("quiet", "64MiB", &[&r1, &r2]);
+    let engine = Engine::start_with(tmp.path(), "quiet", &[&r1, &r2], &["--io-timeout", "1s"]);
+    qemu_io_ok(&engine.uri(), &["write -P 0x33 0 4M", "flush"]);
+    wait_healthy(tmp.path(), "quiet", 2);
+    // Past the clean of the regions just written (they go clean after
+    // 0.6 s here), the last request the engine would send unasked.
+    std::thread::sleep(Duration::from_millis(2500));
+
+    r2.proc.signal(Signal::SIGSTOP);
+    let stalled = Instant::now();
+    wait_healthy_within(tmp.path(), "quiet", 1, Duration::from_secs(20));
+    let noticed = stalled.elapsed();
+    r2.proc.signal(Signal::SIGCONT);
+    eprintln!("a silent replica of an idle volume was marked out after {noticed:?}");
+    let s = status_json(tmp.path(), "quiet");
+    let r = s["replicas"]
+        .as_array()
+        .and_then(|rs| rs.iter().find(|r| r["addr"] == r2.addr.as_str()))
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        r["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("did not answer")),
+        "{s:#}"
+    );
+    wait_healthy(tmp.path(), "quiet", 2);
+    qemu_io_ok(&engine.uri(), &["read -P 0x33 0 4M"]);
+    drop(engine);
+    assert_identical("quiet", &[&r1, &r2]);
+}
+
 #[test]
 fn stalled_replica_is_dropped_and_io_goes_on() {
     let tmp = tempfile::tempdir().unwrap();

@@ -37,6 +37,12 @@ const TICK: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Recovery ticks per clean pass.
 const CLEAN_EVERY: u32 = 3;
+/// Recovery ticks between two pings of each replica (5 s): a replica
+/// whose node vanished while the volume was idle (power cut, network
+/// gone: its connection stays open, silent) is out within this plus the
+/// IO timeout, so `volume status` tells the truth before anyone relies on
+/// it, and the next IO does not pay the timeout.
+const PING_EVERY: u32 = 25;
 
 /// How many clean passes a region must go without a write before it is
 /// cleaned, for it to have been idle at least `clean_after`: a write lands
@@ -250,6 +256,8 @@ impl Volume {
             let mut next_try: std::collections::HashMap<String, (Instant, Duration)> =
                 Default::default();
             let mut ticks: u32 = 0;
+            let mut pings: std::collections::HashMap<String, tokio::task::JoinHandle<()>> =
+                Default::default();
             loop {
                 // Waits holding no reference: a stopped engine's volume (and
                 // its sessions with the replicas) goes at once, not a tick
@@ -268,6 +276,16 @@ impl Volume {
                 for slot in v.slots.load().iter() {
                     if slot.takes_writes() && slot.client().is_some_and(|c| c.is_closed()) {
                         v.mark_out(slot, "its connection closed");
+                    }
+                }
+                if ticks.is_multiple_of(PING_EVERY) {
+                    pings.retain(|_, ping| !ping.is_finished());
+                    for slot in v.slots.load().iter() {
+                        if slot.takes_writes() && !pings.contains_key(&slot.addr) {
+                            if let Some(ping) = Volume::ping(&v, slot) {
+                                pings.insert(slot.addr.clone(), ping);
+                            }
+                        }
                     }
                 }
                 if ticks.is_multiple_of(CLEAN_EVERY) {
@@ -305,9 +323,31 @@ impl Volume {
         });
     }
 
+    /// Pings `slot`'s replica over its connection, in a task of its own;
+    /// one that does not answer within the IO timeout is marked out, as
+    /// for any request. None for a replica in this process (it cannot go
+    /// silent without the engine) or without a connection.
+    fn ping(volume: &Arc<Volume>, slot: &Arc<Slot>) -> Option<tokio::task::JoinHandle<()>> {
+        let client = slot.client().filter(|c| !c.is_local())?;
+        let (weak, slot) = (Arc::downgrade(volume), slot.clone());
+        Some(tokio::spawn(async move {
+            let answer = client.call(Request::Ping).await;
+            let Some(v) = weak.upgrade() else { return };
+            // Only if the slot still uses this connection: a replica
+            // reconnected meanwhile has answered on its new one.
+            let current = slot.client().is_some_and(|c| Arc::ptr_eq(&c, &client));
+            match answer {
+                Ok(Reply::Pong) => {}
+                Ok(other) if current => v.mark_out(&slot, &client.unexpected(&other).to_string()),
+                Err(e) if current => v.fail(&slot, &e),
+                _ => {}
+            }
+        }))
+    }
+
     /// Reconnects an out replica, rebuilds it and makes it healthy.
     async fn bring_back(self: Arc<Self>, slot: &Arc<Slot>) -> Result<(), String> {
-        let client = ReplicaClient::connect(
+        let client = match ReplicaClient::connect(
             &slot.addr,
             &self.options.client_id,
             self.name.as_str(),
@@ -315,7 +355,19 @@ impl Volume {
             self.options.io_timeout,
         )
         .await
-        .map_err(|e| e.to_string())?;
+        {
+            Ok(client) => client,
+            Err(e) => {
+                // Refused for its generation: a newer engine has claimed
+                // the volume meanwhile. fail() says so and stops all IO.
+                if e.remote()
+                    .is_some_and(|r| r.code == ErrorCode::StaleGeneration)
+                {
+                    self.fail(slot, &e);
+                }
+                return Err(e.to_string());
+            }
+        };
         if client.volume().map(|v| v.size) != Some(self.size) {
             return Err(format!(
                 "replica {} has the volume at another size; refusing to rebuild it",

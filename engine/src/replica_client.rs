@@ -242,6 +242,12 @@ impl ReplicaClient {
         self.welcome.volume.as_ref()
     }
 
+    /// Whether the replica is in this process (a hosted engine's own
+    /// daemon), reached by calls rather than a socket.
+    pub fn is_local(&self) -> bool {
+        matches!(self.link, Link::Local(_))
+    }
+
     pub fn is_closed(&self) -> bool {
         self.shared.is_closed.load(Ordering::Acquire)
     }
