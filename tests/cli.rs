@@ -1141,3 +1141,56 @@ fn dev_with_one_replica_serves_and_ctrl_c_stops_everything() {
         tree(&data)
     );
 }
+
+/// `volume status --watch-ms` into a reader that stops after one line
+/// (`| head -1`) ends quietly with success, instead of panicking on the
+/// closed pipe.
+#[test]
+fn volume_status_ends_quietly_when_its_reader_goes_away() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = Replica::start(&tmp.path().join("r"), "auto");
+    create_volume("watched", "16MiB", &[&r]);
+    let _engine = Engine::start(tmp.path(), "watched", &[&r]);
+    let mut status = Command::new(BIN)
+        .args([
+            "volume",
+            "status",
+            "watched",
+            "--watch-ms",
+            "50",
+            "--run-dir",
+        ])
+        .arg(tmp.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 16];
+    status
+        .stdout
+        .take()
+        .unwrap()
+        .read_exact(&mut first)
+        .unwrap();
+    assert!(first.starts_with(b"volume watched"), "{}", text(&first));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let exit = loop {
+        if let Some(exit) = status.try_wait().unwrap() {
+            break exit;
+        }
+        if Instant::now() > deadline {
+            let _ = status.kill();
+            panic!("volume status --watch-ms went on writing into a closed pipe");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    status
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(exit.success(), "{exit}: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

@@ -1,6 +1,7 @@
 //! `shorthorn volume status|add-replica|remove-replica`: talking to a
 //! running engine through its control socket.
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -66,10 +67,16 @@ async fn ask(run_dir: &Path, name: &VolumeName, req: Value) -> anyhow::Result<Va
 pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
     loop {
         let s = ask(&a.run_dir, &a.name, json!({"op": "status"})).await?;
-        if a.json {
-            println!("{s}");
+        let text = if a.json {
+            format!("{s}\n")
         } else {
-            print_status(&s);
+            status_text(&s)
+        };
+        // A reader that went away (`| head -1`) ends the watch quietly.
+        let mut out = std::io::stdout().lock();
+        match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+            other => other.context("writing to stdout")?,
         }
         if a.watch_ms == 0 {
             return Ok(());
@@ -78,9 +85,12 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
     }
 }
 
-fn print_status(s: &Value) {
+fn status_text(s: &Value) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
     let n = |v: &Value, k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
-    println!(
+    let _ = writeln!(
+        out,
         "volume {} ({}), generation {}, {} healthy",
         s["volume"].as_str().unwrap_or("?"),
         human(n(s, "size")),
@@ -91,7 +101,8 @@ fn print_status(s: &Value) {
         let r = &s["reconcile"];
         let total = n(r, "bytes_total");
         if total > 0 {
-            println!(
+            let _ = writeln!(
+                out,
                 "starting: comparing the replicas where writes may have been in flight when the \
                  last engine stopped: {} of {} compared, {} copied; serving once done",
                 human(n(r, "bytes_compared")),
@@ -99,10 +110,14 @@ fn print_status(s: &Value) {
                 human(n(r, "bytes_copied"))
             );
         } else {
-            println!("starting: serving in a moment");
+            let _ = writeln!(out, "starting: serving in a moment");
         }
     }
-    println!("{:<24} {:<20} {:<11} REBUILD", "REPLICA", "ID", "STATE");
+    let _ = writeln!(
+        out,
+        "{:<24} {:<20} {:<11} REBUILD",
+        "REPLICA", "ID", "STATE"
+    );
     for r in s["replicas"].as_array().into_iter().flatten() {
         let rb = &r["rebuild"];
         let total = n(rb, "bytes_total");
@@ -117,7 +132,8 @@ fn print_status(s: &Value) {
         } else {
             "-".into()
         };
-        println!(
+        let _ = writeln!(
+            out,
             "{:<24} {:<20} {:<11} {}",
             r["addr"].as_str().unwrap_or("?"),
             r["id"].as_str().unwrap_or(""),
@@ -125,9 +141,10 @@ fn print_status(s: &Value) {
             progress
         );
         if let Some(e) = r["last_error"].as_str() {
-            println!("    last error: {e}");
+            let _ = writeln!(out, "    last error: {e}");
         }
     }
+    out
 }
 
 pub async fn add_replica(a: ReplicaChangeArgs) -> anyhow::Result<()> {
