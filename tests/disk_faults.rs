@@ -20,6 +20,8 @@ use common::*;
 
 /// What the engine logs when it drops a replica from the healthy set.
 const DROPPED: &str = "dropped from the healthy set";
+/// What it logs when a replica being rebuilt fails (it was never healthy).
+const REBUILD_STOPPED: &str = "rebuild of replica stopped";
 /// What a replica daemon logs when its storage fails a request.
 const STORAGE_ERROR: &str = "storage error";
 const FIO_TIMEOUT: Duration = Duration::from_secs(60);
@@ -448,10 +450,10 @@ fn an_interrupted_full_rebuild_starts_again_in_full() {
     b.set_faults("write=eio volume=grow");
     create_volume("grow", "32MiB", &[&b.replica]);
     add_replica(tmp.path(), "grow", &b.replica.addr);
-    wait_until("the new replica to drop out", FIO_TIMEOUT, || {
+    wait_until("the new replica's rebuild to stop", FIO_TIMEOUT, || {
         log_of(&engine.proc)
             .lines()
-            .any(|l| l.contains(DROPPED) && l.contains(&b.replica.addr))
+            .any(|l| l.contains(REBUILD_STOPPED) && l.contains(&b.replica.addr))
     });
     b.set_faults("");
     wait_healthy(tmp.path(), "grow", 2);
@@ -510,4 +512,51 @@ fn a_rebuilt_replica_is_healthy_only_once_its_source_has_saved_so() {
     );
     drop(engine);
     assert_identical("promo", &[&a.replica, &b]);
+}
+
+/// The source of a rebuild fails (its disk refuses reads) while it copies
+/// to a new replica: the source is dropped for its own error, and the new
+/// replica's rebuild stops saying its source failed, not blamed with the
+/// source's error. Once the source's disk recovers it serves again and the
+/// new replica is rebuilt and joins.
+#[test]
+fn a_failing_rebuild_source_is_blamed_not_its_target() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = FaultyReplica::start(&tmp.path().join("a"), "auto");
+    let b = Replica::start(&tmp.path().join("b"), "auto");
+    create_volume("blame", "16MiB", &[&a.replica]);
+    let engine = Engine::start(tmp.path(), "blame", &[&a.replica]);
+    qemu_io_ok(&engine.uri(), &["write -P 0x51 0 16M", "flush"], "filling");
+
+    a.set_faults("read=eio volume=blame");
+    add_replica(tmp.path(), "blame", &b.addr);
+    wait_until("the new replica's rebuild to stop", FIO_TIMEOUT, || {
+        log_of(&engine.proc)
+            .lines()
+            .any(|l| l.contains(REBUILD_STOPPED) && l.contains(&b.addr))
+    });
+    let log = log_of(&engine.proc);
+    let stopped = log
+        .lines()
+        .find(|l| l.contains(REBUILD_STOPPED) && l.contains(&b.addr))
+        .unwrap();
+    assert!(
+        stopped.contains("its rebuild source failed"),
+        "the new replica is blamed for its source's failure:\n{stopped}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains(DROPPED) && l.contains(&a.replica.addr)),
+        "the failing source was not dropped:\n{log}"
+    );
+
+    a.set_faults("");
+    wait_healthy(tmp.path(), "blame", 2);
+    qemu_io_ok(
+        &engine.uri(),
+        &["read -P 0x51 0 16M"],
+        "after the source recovered",
+    );
+    drop(engine);
+    assert_identical("blame", &[&a.replica, &b]);
 }

@@ -433,6 +433,10 @@ impl Volume {
             Err(e) => {
                 if e.remote().map(|r| r.code) == Some(ErrorCode::StaleGeneration) {
                     self.fail(slot, &e);
+                } else if e.addr() != slot.addr {
+                    // The source failed (and is out already): the
+                    // rebuilt replica did nothing wrong.
+                    self.mark_out(slot, &format!("its rebuild source failed: {e}"));
                 } else {
                     self.mark_out(slot, &e.to_string());
                 }

@@ -37,6 +37,17 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// The replica the error is about.
+    pub fn addr(&self) -> &str {
+        match self {
+            ClientError::Connect { addr, .. }
+            | ClientError::Timeout { addr, .. }
+            | ClientError::Closed { addr, .. }
+            | ClientError::Remote { addr, .. }
+            | ClientError::Unexpected { addr, .. } => addr,
+        }
+    }
+
     /// The replica's own error, if that is what this is.
     pub fn remote(&self) -> Option<&RemoteError> {
         match self {

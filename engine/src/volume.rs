@@ -223,11 +223,20 @@ impl Volume {
             }
             self.bump_version();
             let left = self.healthy_count();
-            error!(
-                volume = %self.name, replica = %slot.addr, error = %why, healthy_left = left,
-                was = before.as_str(),
-                "replica dropped from the healthy set; it will be rebuilt when it answers again"
-            );
+            if before == MemberState::Rebuilding {
+                // Never in the healthy set, and retried with backoff: a
+                // warning, not the error of losing a healthy replica.
+                warn!(
+                    volume = %self.name, replica = %slot.addr, error = %why, healthy_left = left,
+                    "rebuild of replica stopped; it is tried again later"
+                );
+            } else {
+                error!(
+                    volume = %self.name, replica = %slot.addr, error = %why, healthy_left = left,
+                    was = before.as_str(),
+                    "replica dropped from the healthy set; it will be rebuilt when it answers again"
+                );
+            }
             self.wake.notify_one();
         }
     }
