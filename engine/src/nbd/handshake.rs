@@ -63,39 +63,12 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    writer.write_all(&proto::greeting()).await?;
-    writer.flush().await?;
-
-    let client_flags = reader.read_u32().await?;
-    if client_flags & !proto::KNOWN_CLIENT_FLAGS != 0 {
-        return Err(violation(format!("unknown client flags {client_flags:#x}")));
-    }
-    let no_zeroes = client_flags & proto::FLAG_C_NO_ZEROES != 0;
-
+    let no_zeroes = greet(reader, writer).await?;
     let mut out = BytesMut::with_capacity(256);
     for _ in 0..MAX_OPTIONS {
-        let mut raw = [0u8; proto::OPTION_HEADER_LEN];
-        match reader.read_exact(&mut raw).await {
-            Ok(_) => {}
-            // A client may drop the connection between options (libnbd does
-            // after some failed negotiations); that is not an error of ours.
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Negotiated::Aborted),
-            Err(e) => return Err(e),
-        }
-        let header = OptionHeader::decode(&raw);
-        if header.magic != proto::OPTION_MAGIC {
-            return Err(violation(format!("bad option magic {:#x}", header.magic)));
-        }
-        if header.len > MAX_OPTION_LEN {
-            return Err(violation(format!(
-                "option {} carries {} bytes, more than {MAX_OPTION_LEN}",
-                header.option, header.len
-            )));
-        }
-        let mut data = vec![0u8; header.len as usize];
-        reader.read_exact(&mut data).await?;
-        tracing::debug!(option = header.option, len = header.len, "NBD option");
-
+        let Some((header, data)) = read_option(reader).await? else {
+            return Ok(Negotiated::Aborted);
+        };
         out.clear();
         let outcome = answer_option(header.option, &data, export, no_zeroes, &mut out)?;
         writer.write_all(&out).await?;
@@ -105,6 +78,86 @@ where
         }
     }
     Err(violation(format!("more than {MAX_OPTIONS} options")))
+}
+
+/// Runs the handshake of a connection the server will not serve, to say
+/// why: every option that can carry an error is answered with
+/// `NBD_REP_ERR_POLICY` and `reason` (libnbd and qemu show it to their
+/// user); `NBD_OPT_ABORT` and `NBD_OPT_EXPORT_NAME` (which has no way to
+/// say no) end it.
+pub async fn refuse<R, W>(reader: &mut R, writer: &mut W, reason: &str) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    greet(reader, writer).await?;
+    let mut out = BytesMut::with_capacity(256);
+    for _ in 0..MAX_OPTIONS {
+        let Some((header, _)) = read_option(reader).await? else {
+            return Ok(());
+        };
+        out.clear();
+        match header.option {
+            proto::OPT_EXPORT_NAME => return Ok(()),
+            proto::OPT_ABORT => {
+                proto::put_option_reply(&mut out, header.option, proto::REP_ACK, &[])
+            }
+            option => {
+                proto::put_option_reply(&mut out, option, proto::REP_ERR_POLICY, reason.as_bytes())
+            }
+        }
+        writer.write_all(&out).await?;
+        writer.flush().await?;
+        if header.option == proto::OPT_ABORT {
+            return Ok(());
+        }
+    }
+    Err(violation(format!("more than {MAX_OPTIONS} options")))
+}
+
+/// Sends the greeting and reads the client's flags; returns whether the
+/// client asked for no zeroes after `NBD_OPT_EXPORT_NAME`'s answer.
+async fn greet<R, W>(reader: &mut R, writer: &mut W) -> io::Result<bool>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    writer.write_all(&proto::greeting()).await?;
+    writer.flush().await?;
+    let client_flags = reader.read_u32().await?;
+    if client_flags & !proto::KNOWN_CLIENT_FLAGS != 0 {
+        return Err(violation(format!("unknown client flags {client_flags:#x}")));
+    }
+    Ok(client_flags & proto::FLAG_C_NO_ZEROES != 0)
+}
+
+/// The client's next option and its data; `None` when the client hung up
+/// between options (libnbd does after some failed negotiations), which is
+/// not an error of ours.
+async fn read_option<R>(reader: &mut R) -> io::Result<Option<(OptionHeader, Vec<u8>)>>
+where
+    R: AsyncRead + Unpin,
+{
+    let mut raw = [0u8; proto::OPTION_HEADER_LEN];
+    match reader.read_exact(&mut raw).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let header = OptionHeader::decode(&raw);
+    if header.magic != proto::OPTION_MAGIC {
+        return Err(violation(format!("bad option magic {:#x}", header.magic)));
+    }
+    if header.len > MAX_OPTION_LEN {
+        return Err(violation(format!(
+            "option {} carries {} bytes, more than {MAX_OPTION_LEN}",
+            header.option, header.len
+        )));
+    }
+    let mut data = vec![0u8; header.len as usize];
+    reader.read_exact(&mut data).await?;
+    tracing::debug!(option = header.option, len = header.len, "NBD option");
+    Ok(Some((header, data)))
 }
 
 /// Writes the answer to one option into `out`; returns `Some` when haggling

@@ -110,6 +110,7 @@ impl NbdServer {
         });
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut connections = JoinSet::new();
+        let refusing = Arc::new(tokio::sync::Semaphore::new(MAX_REFUSING));
         let next_id = AtomicU64::new(1);
         // The address as --nbd takes it; the engine logs the export's URI.
         tracing::info!(export = %config.export_name, listen = %bound.to_arg(), "NBD server listening");
@@ -143,7 +144,23 @@ impl NbdServer {
                             max = config.max_connections,
                             "NBD connection refused: too many connections"
                         );
-                        drop(accepted);
+                        // Told why, by a handshake of its own; beyond a few
+                        // at once (a client retrying in a loop), only closed.
+                        if let Ok(permit) = refusing.clone().try_acquire_owned() {
+                            let reason = format!(
+                                "too many connections to export {:?} (at most {}); close some, \
+                                 or start the engine with a larger --max-connections",
+                                config.export_name, config.max_connections
+                            );
+                            tokio::spawn(async move {
+                                let _ = tokio::time::timeout(
+                                    HANDSHAKE_TIMEOUT,
+                                    refuse_accepted(accepted, &reason),
+                                )
+                                .await;
+                                drop(permit);
+                            });
+                        }
                         continue;
                     }
                     let span = tracing::info_span!(
@@ -218,6 +235,26 @@ fn log_panic(done: Result<(), tokio::task::JoinError>) {
         if e.is_panic() {
             tracing::error!(error = %e, "NBD connection task panicked");
         }
+    }
+}
+
+/// Connections over the limit that are told why at once; more are closed.
+const MAX_REFUSING: usize = 4;
+
+/// Tells a connection over the limit why it is refused, then closes it.
+async fn refuse_accepted(accepted: Accepted, reason: &str) {
+    let refused = match accepted {
+        Accepted::Unix(stream) => {
+            let (mut r, mut w) = stream.into_split();
+            handshake::refuse(&mut r, &mut w, reason).await
+        }
+        Accepted::Tcp(stream, _) => {
+            let (mut r, mut w) = stream.into_split();
+            handshake::refuse(&mut r, &mut w, reason).await
+        }
+    };
+    if let Err(e) = refused {
+        tracing::debug!(error = %e, "refused NBD client went away");
     }
 }
 

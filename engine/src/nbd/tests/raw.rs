@@ -611,7 +611,19 @@ async fn connections_beyond_the_limit_are_closed() {
     };
     let server = TestServer::start(Kind::Tcp, &backend, cfg).await;
     let mut first = Raw::attached(&server.listen).await;
-    let mut second = Raw::connect(&server.listen).await;
+    // The second is told why (libnbd and qemu show the message), then
+    // closed when it gives up.
+    let mut second = Raw::haggling(&server.listen).await;
+    let go = second.option(proto::OPT_GO, &info_data(b"", &[])).await;
+    assert_eq!(go.len(), 1);
+    assert_eq!(go[0].0, proto::REP_ERR_POLICY);
+    let why = String::from_utf8_lossy(&go[0].1);
+    assert!(
+        why.contains("too many connections") && why.contains("--max-connections"),
+        "{why}"
+    );
+    let abort = second.option(proto::OPT_ABORT, &[]).await;
+    assert_eq!(abort[0].0, proto::REP_ACK);
     second.expect_closed().await;
     assert_eq!(first.read_block(1, 0, 512).await, backend.snapshot()[..512]);
     first.request(proto::CMD_DISC, 0, 0, 0, 0).await;
@@ -620,13 +632,9 @@ async fn connections_beyond_the_limit_are_closed() {
     // The slot frees once the first connection's task has ended.
     let deadline = tokio::time::Instant::now() + STEP;
     loop {
-        let mut c = Raw::connect(&server.listen).await;
-        let mut g = [0u8; proto::GREETING_LEN];
-        if tokio::time::timeout(STEP, c.s.read_exact(&mut g))
-            .await
-            .unwrap()
-            .is_ok()
-        {
+        let mut c = Raw::haggling(&server.listen).await;
+        let go = c.option(proto::OPT_GO, &info_data(b"", &[])).await;
+        if go.last().unwrap().0 == proto::REP_ACK {
             break;
         }
         assert!(tokio::time::Instant::now() < deadline, "slot never freed");
