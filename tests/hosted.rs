@@ -549,3 +549,39 @@ fn simultaneous_starts_of_one_volume_run_one_engine() {
     engine.stop_ok();
     assert_identical("race", &[&host, &other]);
 }
+
+/// The whole daemon hosting an engine stops for longer than the IO timeout
+/// (SIGSTOP here; a laptop suspended, a VM paused) while fio writes. When
+/// it runs again, the answers of both replicas are waiting unread: the
+/// deadlines that passed meanwhile must not drop them, or every write in
+/// flight would fail with EIO.
+#[test]
+fn a_hosting_daemon_stopped_for_a_while_drops_no_replica() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = Replica::start_hosting(&tmp.path().join("a"), "auto");
+    let b = Replica::start(&tmp.path().join("b"), "auto");
+    create_volume("nap", VOLUME_SIZE, &[&a, &b]);
+    let engine =
+        HostedEngine::start_with(&a, tmp.path(), "nap", &[&a, &b], &["--io-timeout", "1s"]);
+    let fio = Fio::start(
+        tmp.path(),
+        "nap",
+        &engine.uri(),
+        &as_args(&verified_random_writes(
+            "--bsrange=4k-128k",
+            64 << 20,
+            &["--time_based", "--runtime=7", "--verify_backlog=256"],
+        )),
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    a.proc.signal(nix::sys::signal::Signal::SIGSTOP);
+    std::thread::sleep(Duration::from_secs(4));
+    a.proc.signal(nix::sys::signal::Signal::SIGCONT);
+    fio.wait(FIO_TIMEOUT).assert_clean();
+    let log = a.proc.log_text();
+    assert!(
+        !log.contains(DROPPED),
+        "a replica was dropped for a deadline that passed while its engine was stopped:\n{log}"
+    );
+    assert_eq!(healthy(tmp.path(), "nap"), 2);
+}

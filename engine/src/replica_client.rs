@@ -365,18 +365,17 @@ impl PendingCall {
         }
     }
 
-    /// The reply, at most the IO timeout after the request was queued. A
-    /// replica's error answer comes back as [`ClientError::Remote`].
+    /// The reply, at most the IO timeout after the request was queued
+    /// (not counting time this process was not running: see [`within`]).
+    /// A replica's error answer comes back as [`ClientError::Remote`].
     pub async fn wait(self) -> Result<Reply, ClientError> {
         let timed_out = || ClientError::Timeout {
             addr: self.shared.addr.clone(),
             timeout: self.timeout,
         };
         let reply = match self.state? {
-            Waiting::Local(call) => tokio::time::timeout(self.timeout, call)
-                .await
-                .map_err(|_| timed_out())?,
-            Waiting::Remote(id, wrx) => match tokio::time::timeout(self.timeout, wrx).await {
+            Waiting::Local(call) => within(self.timeout, call).await.map_err(|_| timed_out())?,
+            Waiting::Remote(id, wrx) => match within(self.timeout, wrx).await {
                 Ok(Ok(result)) => result?,
                 Ok(Err(_)) => return Err(self.shared.closed_error()),
                 Err(_) => {
@@ -400,6 +399,83 @@ impl PendingCall {
         match self.wait().await? {
             Reply::Done => Ok(()),
             other => Err(unexpected(&shared.addr, &other)),
+        }
+    }
+}
+
+/// A gap longer than this between two ticks of the process's clock
+/// ([`Stalls`]) means the process was not running: a suspended laptop, a
+/// paused VM, SIGSTOP.
+const STALL: Duration = Duration::from_millis(500);
+const STALL_TICK: Duration = Duration::from_millis(100);
+
+/// When this process last ran, and when its last stall (see [`STALL`])
+/// ended: a timer that fires after such a stall says nothing about the
+/// replica, whose answer may be waiting unread in a socket. Kept by a
+/// thread of its own, so it sees the whole process stop, whatever runtime
+/// the engine runs on.
+struct Stalls {
+    last_tick: std::time::Instant,
+    last_stall_end: Option<std::time::Instant>,
+}
+
+static STALLS: Mutex<Option<Stalls>> = Mutex::new(None);
+
+/// Starts, once per process, the thread that notices stalls.
+fn watch_stalls() {
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    STARTED.call_once(|| {
+        *STALLS.lock().unwrap() = Some(Stalls {
+            last_tick: std::time::Instant::now(),
+            last_stall_end: None,
+        });
+        let spawned = std::thread::Builder::new()
+            .name("stall-watch".into())
+            .spawn(|| loop {
+                std::thread::sleep(STALL_TICK);
+                let now = std::time::Instant::now();
+                let mut guard = STALLS.lock().unwrap();
+                let Some(s) = guard.as_mut() else { return };
+                if now.saturating_duration_since(s.last_tick) > STALL {
+                    s.last_stall_end = Some(now);
+                }
+                s.last_tick = now;
+            });
+        if spawned.is_err() {
+            // Without it no stall is ever seen: timeouts count as before.
+            *STALLS.lock().unwrap() = None;
+        }
+    });
+}
+
+/// Whether this process stalled at some point after `since`, or is only
+/// now running again after one.
+fn stalled_since(since: std::time::Instant) -> bool {
+    let now = std::time::Instant::now();
+    STALLS.lock().unwrap().as_ref().is_some_and(|s| {
+        now.saturating_duration_since(s.last_tick) > STALL
+            || s.last_stall_end.is_some_and(|end| end > since)
+    })
+}
+
+/// `fut`, given at most `timeout`; a deadline that passes while this
+/// process was stalled gives the replica a whole `timeout` again, counted
+/// from now: otherwise a laptop waking from suspend, or a VM resumed,
+/// would drop every replica (their answers unread) and fail the IO in
+/// flight with EIO.
+async fn within<F: std::future::Future + Unpin>(
+    timeout: Duration,
+    mut fut: F,
+) -> Result<F::Output, ()> {
+    watch_stalls();
+    loop {
+        let since = std::time::Instant::now();
+        match tokio::time::timeout(timeout, &mut fut).await {
+            Ok(out) => return Ok(out),
+            Err(_) if stalled_since(since) => {
+                debug!("a deadline passed while this process was stalled; waiting again");
+            }
+            Err(_) => return Err(()),
         }
     }
 }
