@@ -183,6 +183,14 @@ fn qemu_io(uri: &str, cmds: &[&str]) -> Duration {
     started.elapsed()
 }
 
+/// The longest fio waited for one IO in direction `dir` ("read", "write").
+fn worst(report: &FioReport, dir: &str) -> Duration {
+    report.jobs()[0][dir]["lat_ns"]["max"]
+        .as_u64()
+        .map(Duration::from_nanos)
+        .unwrap_or_else(|| panic!("fio reports no worst {dir} latency"))
+}
+
 #[test]
 fn cutting_a_replica_link_keeps_the_volume_writable() {
     let tmp = tempfile::tempdir().unwrap();
@@ -247,13 +255,7 @@ fn cutting_a_replica_link_keeps_the_volume_writable() {
         );
         // The reads and writes in flight at the cut wait for A up to the IO
         // timeout, then go on without it; nothing may wait much longer.
-        let worst = |dir: &str| {
-            report.jobs()[0][dir]["lat_ns"]["max"]
-                .as_u64()
-                .map(Duration::from_nanos)
-                .unwrap_or_else(|| panic!("fio reports no worst {dir} latency"))
-        };
-        let (worst_read, worst_write) = (worst("read"), worst("write"));
+        let (worst_read, worst_write) = (worst(&report, "read"), worst(&report, "write"));
         eprintln!(
             "link cut {:?} before fio ended; worst fio latency: read {worst_read:?}, \
              write {worst_write:?}; IO right after the cut took {took:?}",
@@ -288,6 +290,121 @@ fn cutting_a_replica_link_keeps_the_volume_writable() {
             "the engine dropped replica B too:\n{}",
             lab.engine.log_text()
         );
+        let status = sigterm_and_wait(&mut lab.engine, STOP_TIMEOUT);
+        assert!(status.success(), "engine exited with {status}");
+    }
+    assert_all_cleaned_up();
+}
+
+/// How many IO timeouts a request waits, at most, for a replica that keeps
+/// answering others (the engine's `SLOW_REPLICA_TIMEOUTS`).
+const SLOW_REPLICA_TIMEOUTS: u32 = 3;
+
+/// Sequential 128 KiB writes at depth 32 (4 MiB in flight), then read back
+/// and verified. Each write waits for B to receive the 4 MiB ahead of it:
+/// over a link of 11 Mbit/s, about 3.2 s, between one IO timeout (2 s) and
+/// three.
+const DEEP_WRITES: [&str; 5] = [
+    "--rw=write",
+    "--bs=128k",
+    "--iodepth=32",
+    "--size=16M",
+    "--verify=crc32c",
+];
+
+/// A replica behind a slow link (a node on Wi-Fi) answers every request,
+/// late: each write waits behind megabytes of others for the link. It is
+/// slow, not gone, and must stay in the volume: the volume then writes at
+/// the link's speed and keeps both copies, instead of dropping B, writing
+/// with one copy, and rebuilding B over the same slow link again and
+/// again, with a pause each time.
+#[test]
+fn a_replica_behind_a_slow_link_stays_in_the_volume() {
+    let tmp = tempfile::tempdir().unwrap();
+    {
+        let mut lab = Lab::start(tmp.path());
+        lab.link_b.limit_rate("11mbit");
+        let report = Fio::run(
+            tmp.path(),
+            "slow-link",
+            &lab.uri(),
+            &DEEP_WRITES,
+            Duration::from_secs(180),
+        );
+        report.assert_wrote_and_verified(16 << 20);
+        let waited = worst(&report, "write");
+        eprintln!("worst write over the slow link: {waited:?}");
+        // Otherwise the link was not slow enough to test anything.
+        assert!(
+            waited > IO_TIMEOUT,
+            "no write waited longer than the IO timeout ({waited:?})"
+        );
+        assert!(
+            waited < SLOW_REPLICA_TIMEOUTS * IO_TIMEOUT + SLACK,
+            "a write waited {waited:?}"
+        );
+        assert!(
+            lab.dropped(&lab.addr_b).is_empty() && lab.dropped(&lab.addr_a).is_empty(),
+            "the engine dropped a replica that was slow but answering:\n{}",
+            lab.engine.log_text()
+        );
+        assert_eq!(healthy(tmp.path()), 2);
+
+        lab.link_b.full_speed();
+        let status = sigterm_and_wait(&mut lab.engine, STOP_TIMEOUT);
+        assert!(status.success(), "engine exited with {status}");
+        let out = verify_in(&lab.e, &lab);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "the replicas differ:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_all_cleaned_up();
+}
+
+/// A replica that answers, but so slowly that a write would wait more than
+/// three IO timeouts for it (over a link of 2 Mbit/s, 4 MiB take 17 s), is
+/// dropped when the first write has waited that long, and the
+/// volume goes on with A: slowness delays IO boundedly, never indefinitely.
+#[test]
+fn a_replica_too_slow_for_three_timeouts_is_dropped() {
+    let tmp = tempfile::tempdir().unwrap();
+    {
+        let mut lab = Lab::start(tmp.path());
+        lab.link_b.limit_rate("2mbit");
+        let report = Fio::run(
+            tmp.path(),
+            "too-slow",
+            &lab.uri(),
+            &DEEP_WRITES,
+            Duration::from_secs(180),
+        );
+        report.assert_wrote_and_verified(16 << 20);
+        let dropped = lab.dropped(&lab.addr_b);
+        assert!(
+            !dropped.is_empty(),
+            "the engine kept a replica that took over {SLOW_REPLICA_TIMEOUTS} IO timeouts \
+             per write:\n{}",
+            lab.engine.log_text()
+        );
+        assert!(
+            dropped[0].contains("too slow"),
+            "B was dropped for another reason than its slowness: {}",
+            dropped[0]
+        );
+        assert!(lab.dropped(&lab.addr_a).is_empty(), "A was dropped too");
+        // The writes waiting for B waited three timeouts, then whatever
+        // saving the new membership on A takes (at most one more).
+        let waited = worst(&report, "write");
+        eprintln!("worst write before B was dropped: {waited:?}");
+        assert!(
+            waited < (SLOW_REPLICA_TIMEOUTS + 1) * IO_TIMEOUT + SLACK,
+            "a write waited {waited:?}"
+        );
+        lab.link_b.full_speed();
         let status = sigterm_and_wait(&mut lab.engine, STOP_TIMEOUT);
         assert!(status.success(), "engine exited with {status}");
     }

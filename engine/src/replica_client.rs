@@ -28,6 +28,10 @@ pub enum ClientError {
     Connect { addr: String, reason: String },
     #[error("replica {addr} did not answer within {timeout:?}")]
     Timeout { addr: String, timeout: Duration },
+    #[error(
+        "replica {addr} is too slow: a request waited {waited:?} for it, while it answered others"
+    )]
+    TooSlow { addr: String, waited: Duration },
     #[error("connection to replica {addr} is closed: {reason}")]
     Closed { addr: String, reason: String },
     #[error("replica {addr}: {error}")]
@@ -42,6 +46,7 @@ impl ClientError {
         match self {
             ClientError::Connect { addr, .. }
             | ClientError::Timeout { addr, .. }
+            | ClientError::TooSlow { addr, .. }
             | ClientError::Closed { addr, .. }
             | ClientError::Remote { addr, .. }
             | ClientError::Unexpected { addr, .. } => addr,
@@ -56,6 +61,10 @@ impl ClientError {
         }
     }
 }
+
+/// The most IO timeouts one request waits for a replica that keeps
+/// answering other requests (see [`PendingCall::wait`]).
+pub const SLOW_REPLICA_TIMEOUTS: u32 = 3;
 
 type Waiter = oneshot::Sender<Result<Reply, ClientError>>;
 type BoxRead = Box<dyn AsyncRead + Unpin + Send>;
@@ -93,9 +102,39 @@ struct Shared {
     /// Set once the connection is known dead; holds why.
     closed: Mutex<Option<String>>,
     is_closed: AtomicBool,
+    /// When the replica last sent anything ([`clock`]).
+    last_answer: AtomicU64,
+}
+
+/// Nanoseconds since this process first asked: an instant an atomic holds.
+fn clock() -> u64 {
+    static BASE: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    BASE.get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_nanos() as u64
 }
 
 impl Shared {
+    fn new(addr: &str, closed: bool) -> Shared {
+        Shared {
+            addr: addr.to_string(),
+            pending: Mutex::new(HashMap::new()),
+            closed: Mutex::new(None),
+            is_closed: AtomicBool::new(closed),
+            last_answer: AtomicU64::new(clock()),
+        }
+    }
+
+    fn answered(&self) {
+        self.last_answer.store(clock(), Ordering::Relaxed);
+    }
+
+    /// How long the replica has sent nothing.
+    fn quiet_for(&self) -> Duration {
+        let last = self.last_answer.load(Ordering::Relaxed);
+        Duration::from_nanos(clock().saturating_sub(last))
+    }
+
     fn fail_all(&self, reason: String) {
         let waiters: Vec<Waiter> = {
             let mut closed = self.closed.lock().unwrap();
@@ -171,12 +210,7 @@ impl ReplicaClient {
             volume: volume.to_string(),
             generation,
         };
-        let shared = Arc::new(Shared {
-            addr: addr.to_string(),
-            pending: Mutex::new(HashMap::new()),
-            closed: Mutex::new(None),
-            is_closed: AtomicBool::new(false),
-        });
+        let shared = Arc::new(Shared::new(addr, false));
         let refused = |error| ClientError::Remote {
             addr: addr.to_string(),
             error,
@@ -225,6 +259,8 @@ impl ReplicaClient {
             }
         };
 
+        // The welcome counts: the replica has answered.
+        shared.answered();
         let (tx, rx) = mpsc::unbounded_channel();
         let reader_task = tokio::spawn(read_replies(reader, shared.clone()));
         let writer_task = tokio::spawn(write_requests(writer, rx, shared.clone()));
@@ -283,6 +319,7 @@ impl ReplicaClient {
                     state: Ok(Waiting::Local(session.start(request))),
                     shared: self.shared.clone(),
                     timeout: self.timeout,
+                    queued: std::time::Instant::now(),
                 }
             }
             Link::Remote { tx, next_id, .. } => (tx, next_id),
@@ -300,6 +337,7 @@ impl ReplicaClient {
             state: Ok(Waiting::Remote(id, wrx)),
             shared: self.shared.clone(),
             timeout: self.timeout,
+            queued: std::time::Instant::now(),
         }
     }
 
@@ -342,6 +380,7 @@ pub struct PendingCall {
     state: Result<Waiting, ClientError>,
     shared: Arc<Shared>,
     timeout: Duration,
+    queued: std::time::Instant,
 }
 
 enum Waiting {
@@ -355,32 +394,54 @@ impl PendingCall {
     fn failed(e: ClientError) -> PendingCall {
         PendingCall {
             state: Err(e),
-            shared: Arc::new(Shared {
-                addr: String::new(),
-                pending: Mutex::new(HashMap::new()),
-                closed: Mutex::new(None),
-                is_closed: AtomicBool::new(true),
-            }),
+            shared: Arc::new(Shared::new("", true)),
             timeout: Duration::ZERO,
+            queued: std::time::Instant::now(),
         }
     }
 
-    /// The reply, at most the IO timeout after the request was queued
-    /// (not counting time this process was not running: see [`within`]).
-    /// A replica's error answer comes back as [`ClientError::Remote`].
+    /// The reply, or an error once the replica has been silent for the IO
+    /// timeout since this wait began (not counting time this process was
+    /// not running: see [`within`]). A replica that answered other
+    /// requests within the last timeout is slow, not gone
+    /// (a slow link, a busy disk; its answers come in order of its work, and
+    /// ours may be behind megabytes of others): the request waits on, but
+    /// at most [`SLOW_REPLICA_TIMEOUTS`] timeouts after it was queued. So a
+    /// replica behind a slow link stays in the volume, which is then as
+    /// slow as that link, instead of being dropped and rebuilt over and
+    /// over; a replica that falls silent is still given up one timeout
+    /// after its last answer. A replica's error answer comes back as
+    /// [`ClientError::Remote`].
     pub async fn wait(self) -> Result<Reply, ClientError> {
-        let timed_out = || ClientError::Timeout {
-            addr: self.shared.addr.clone(),
-            timeout: self.timeout,
+        let timeout = self.timeout;
+        let limit = timeout * SLOW_REPLICA_TIMEOUTS;
+        let (shared, queued) = (&self.shared, self.queued);
+        let slow_not_gone = || {
+            let quiet = shared.quiet_for();
+            let left = limit.saturating_sub(queued.elapsed());
+            (quiet < timeout && !left.is_zero()).then(|| (timeout - quiet).min(left))
+        };
+        let gave_up = || {
+            let addr = shared.addr.clone();
+            match queued.elapsed() {
+                waited if waited >= limit => ClientError::TooSlow { addr, waited },
+                _ => ClientError::Timeout { addr, timeout },
+            }
         };
         let reply = match self.state? {
-            Waiting::Local(call) => within(self.timeout, call).await.map_err(|_| timed_out())?,
-            Waiting::Remote(id, wrx) => match within(self.timeout, wrx).await {
+            Waiting::Local(call) => {
+                let reply = within(timeout, call, slow_not_gone)
+                    .await
+                    .map_err(|_| gave_up())?;
+                shared.answered();
+                reply
+            }
+            Waiting::Remote(id, wrx) => match within(timeout, wrx, slow_not_gone).await {
                 Ok(Ok(result)) => result?,
-                Ok(Err(_)) => return Err(self.shared.closed_error()),
+                Ok(Err(_)) => return Err(shared.closed_error()),
                 Err(_) => {
-                    self.shared.pending.lock().unwrap().remove(&id);
-                    return Err(timed_out());
+                    shared.pending.lock().unwrap().remove(&id);
+                    return Err(gave_up());
                 }
             },
         };
@@ -458,24 +519,28 @@ fn stalled_since(since: std::time::Instant) -> bool {
     })
 }
 
-/// `fut`, given at most `timeout`; a deadline that passes while this
-/// process was stalled gives the replica a whole `timeout` again, counted
-/// from now: otherwise a laptop waking from suspend, or a VM resumed,
-/// would drop every replica (their answers unread) and fail the IO in
-/// flight with EIO.
+/// `fut`, given at most `timeout`, and then as much longer as `more` says
+/// each time a deadline passes (`None`: no longer). A deadline that passes
+/// while this process was stalled gives the replica a whole `timeout`
+/// again, counted from now: otherwise a laptop waking from suspend, or a
+/// VM resumed, would drop every replica (their answers unread) and fail
+/// the IO in flight with EIO.
 async fn within<F: std::future::Future + Unpin>(
     timeout: Duration,
     mut fut: F,
+    more: impl Fn() -> Option<Duration>,
 ) -> Result<F::Output, ()> {
     watch_stalls();
+    let mut wait = timeout;
     loop {
         let since = std::time::Instant::now();
-        match tokio::time::timeout(timeout, &mut fut).await {
+        match tokio::time::timeout(wait, &mut fut).await {
             Ok(out) => return Ok(out),
             Err(_) if stalled_since(since) => {
                 debug!("a deadline passed while this process was stalled; waiting again");
+                wait = timeout;
             }
-            Err(_) => return Err(()),
+            Err(_) => wait = more().ok_or(())?,
         }
     }
 }
@@ -489,7 +554,10 @@ impl Drop for ReplicaClient {
 async fn read_replies(mut reader: FrameReader<BoxRead>, shared: Arc<Shared>) {
     let reason = loop {
         let frame = match reader.read_frame().await {
-            Ok(Some(f)) => f,
+            Ok(Some(f)) => {
+                shared.answered();
+                f
+            }
             Ok(None) => break "replica closed the connection".to_string(),
             Err(e) => break format!("receive failed: {e}"),
         };
@@ -685,5 +753,110 @@ mod tests {
         })
         .await
         .expect("the concurrent calls hung");
+    }
+
+    /// A fake replica that welcomes one client, then answers its pings at
+    /// once and holds every other request unanswered, until it hangs up.
+    async fn ping_only_replica(listener: TcpListener) {
+        let (stream, _) = listener.accept().await.unwrap();
+        let (rd, wr) = stream.into_split();
+        let mut reader = FrameReader::new(rd);
+        let mut writer = FrameWriter::new(wr);
+        let hello = reader.read_frame().await.unwrap().expect("no hello");
+        let welcome = Reply::Welcome(Welcome {
+            version: PROTOCOL_VERSION,
+            server: "fake replica".into(),
+            volume: None,
+        });
+        writer.write_frame(&welcome.encode(hello.id)).await.unwrap();
+        while let Ok(Some(frame)) = reader.read_frame().await {
+            if let Ok(Request::Ping) = Request::decode(&frame) {
+                writer
+                    .write_frame(&Reply::Pong.encode(frame.id))
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+
+    /// Starts a read the fake never answers while another task pings it
+    /// every 50 ms for `pinging` (answered at once); returns how the read
+    /// ended and after how long.
+    async fn held_read_while_pinging(
+        timeout: Duration,
+        pinging: Duration,
+    ) -> (Result<Reply, ClientError>, Duration) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let fake = tokio::spawn(ping_only_replica(listener));
+        let client = ReplicaClient::connect(&addr, "test", "v", Generation(1), timeout)
+            .await
+            .unwrap();
+        let client = Arc::new(client);
+        let started = std::time::Instant::now();
+        let read = client.start(Request::Read {
+            offset: 0,
+            len: 512,
+        });
+        let pinger = {
+            let client = client.clone();
+            tokio::spawn(async move {
+                while started.elapsed() < pinging {
+                    client.call(Request::Ping).await.unwrap();
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+        };
+        let result = read.wait().await;
+        let took = started.elapsed();
+        pinger.await.unwrap();
+        drop(client);
+        fake.await.unwrap();
+        (result, took)
+    }
+
+    const T: Duration = Duration::from_millis(400);
+
+    /// A replica that answers nothing is given up one IO timeout after
+    /// the request.
+    #[tokio::test]
+    async fn a_silent_replica_is_given_up_after_one_timeout() {
+        let (result, took) = held_read_while_pinging(T, Duration::ZERO).await;
+        assert!(
+            matches!(result, Err(ClientError::Timeout { .. })),
+            "{result:?}"
+        );
+        assert!(took >= T && took < 2 * T, "gave up after {took:?}");
+    }
+
+    /// A replica that answers other requests is slow, not gone: the
+    /// request waits until the replica has been silent for a whole IO
+    /// timeout (here: pings answered for 600 ms, then none).
+    #[tokio::test]
+    async fn a_replica_answering_others_is_waited_for_until_it_falls_silent() {
+        let pinging = Duration::from_millis(600);
+        let (result, took) = held_read_while_pinging(T, pinging).await;
+        assert!(
+            matches!(result, Err(ClientError::Timeout { .. })),
+            "{result:?}"
+        );
+        // The last ping went out at most 50 ms before pinging ended.
+        assert!(
+            took >= pinging + T - Duration::from_millis(50),
+            "gave up after {took:?}, while the replica answered until {pinging:?}"
+        );
+    }
+
+    /// However busy the replica keeps answering others, one request waits
+    /// at most SLOW_REPLICA_TIMEOUTS IO timeouts, then fails as too slow.
+    #[tokio::test]
+    async fn a_request_waits_at_most_three_timeouts_for_a_slow_replica() {
+        let (result, took) = held_read_while_pinging(T, 6 * T).await;
+        assert!(
+            matches!(result, Err(ClientError::TooSlow { .. })),
+            "{result:?}"
+        );
+        let limit = T * SLOW_REPLICA_TIMEOUTS;
+        assert!(took >= limit && took < limit + T, "gave up after {took:?}");
     }
 }

@@ -2,10 +2,11 @@
 //! writes (healthy, or being rebuilt) at once, and succeeds only when each
 //! healthy one has acknowledged it; reads come from one healthy replica.
 //!
-//! A replica that errors, disconnects or misses the IO timeout is marked out
-//! at once, and the new membership (who is healthy) is made durable on the
-//! remaining replicas before the write that found the failure is
-//! acknowledged — so after any crash, the replicas themselves say which of
+//! A replica that errors, disconnects, or answers nothing for the IO timeout
+//! (or keeps one request waiting three timeouts, see
+//! [`crate::replica_client`]) is marked out at once, and the new membership
+//! (who is healthy) is made durable on the remaining replicas before the
+//! write that found the failure is acknowledged — so after any crash, the replicas themselves say which of
 //! them hold every acknowledged write. Out replicas are brought back by the
 //! recovery loop ([`crate::recovery`]). With no healthy replica left, every
 //! request fails; none hangs.

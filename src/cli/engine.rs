@@ -58,9 +58,11 @@ pub struct ServeArgs {
     /// Where to serve NBD: `unix:/path/to.sock` or `HOST:PORT`.
     #[arg(long, value_name = "unix:PATH|HOST:PORT")]
     pub nbd: NbdListen,
-    /// A replica that does not answer a request within this is dropped from
-    /// the volume's healthy set, and IO goes on with the others: `5s`,
-    /// `1500ms`, `1m`; a bare number is seconds.
+    /// A replica that answers nothing for this long while a request waits
+    /// on it is dropped from the volume's healthy set, and IO goes on with
+    /// the others; one that keeps answering, late (a slow link), is given
+    /// up to three times this per request: `5s`, `1500ms`, `1m`; a bare
+    /// number is seconds.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = duration::parse_duration)]
     pub io_timeout: Duration,
     /// `--io-timeout` in milliseconds, as earlier releases spelt it.

@@ -316,6 +316,34 @@ impl Veth {
     pub fn is_cut(&self) -> bool {
         self.cut
     }
+
+    /// Makes the cable slow from end `a` to end `b`: what `a` sends leaves
+    /// at `rate` (tc's spelling: `8mbit`), and the rest waits in a queue of
+    /// up to 32 MiB instead of being dropped, like a slow Wi-Fi hop behind
+    /// a deep buffer. The other direction keeps its speed. Goes with the
+    /// link.
+    pub fn limit_rate(&self, rate: &str) {
+        self.tc(&[
+            "replace", "root", "tbf", "rate", rate, "burst", "32kb", "limit", "32mb",
+        ]);
+    }
+
+    /// Gives end `a`'s sending its full speed back (undoes
+    /// [`limit_rate`](Self::limit_rate)); what was queued goes at once.
+    pub fn full_speed(&self) {
+        self.tc(&["delete", "root"]);
+    }
+
+    /// `tc qdisc VERB dev A ARGS...` on end `a`'s device, in its namespace.
+    fn tc(&self, args: &[&str]) {
+        let mut tc = Command::new("tc");
+        if let Some(ns) = &self.a.netns {
+            tc.args(["-n", ns]);
+        }
+        tc.args(["qdisc", args[0], "dev", &self.a.dev])
+            .args(&args[1..]);
+        run(&mut tc);
+    }
 }
 
 /// A permanent ARP entry on `me` for `peer`: with it, the near end of a
