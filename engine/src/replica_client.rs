@@ -413,35 +413,19 @@ impl PendingCall {
     /// after its last answer. A replica's error answer comes back as
     /// [`ClientError::Remote`].
     pub async fn wait(self) -> Result<Reply, ClientError> {
-        let timeout = self.timeout;
-        let limit = timeout * SLOW_REPLICA_TIMEOUTS;
-        let (shared, queued) = (&self.shared, self.queued);
-        let slow_not_gone = || {
-            let quiet = shared.quiet_for();
-            let left = limit.saturating_sub(queued.elapsed());
-            (quiet < timeout && !left.is_zero()).then(|| (timeout - quiet).min(left))
-        };
-        let gave_up = || {
-            let addr = shared.addr.clone();
-            match queued.elapsed() {
-                waited if waited >= limit => ClientError::TooSlow { addr, waited },
-                _ => ClientError::Timeout { addr, timeout },
-            }
-        };
+        let (shared, timeout, queued) = (&*self.shared, self.timeout, self.queued);
         let reply = match self.state? {
             Waiting::Local(call) => {
-                let reply = within(timeout, call, slow_not_gone)
-                    .await
-                    .map_err(|_| gave_up())?;
+                let reply = within(call, timeout, shared, queued).await?;
                 shared.answered();
                 reply
             }
-            Waiting::Remote(id, wrx) => match within(timeout, wrx, slow_not_gone).await {
+            Waiting::Remote(id, wrx) => match within(wrx, timeout, shared, queued).await {
                 Ok(Ok(result)) => result?,
                 Ok(Err(_)) => return Err(shared.closed_error()),
-                Err(_) => {
+                Err(e) => {
                     shared.pending.lock().unwrap().remove(&id);
-                    return Err(gave_up());
+                    return Err(e);
                 }
             },
         };
@@ -519,29 +503,46 @@ fn stalled_since(since: std::time::Instant) -> bool {
     })
 }
 
-/// `fut`, given at most `timeout`, and then as much longer as `more` says
-/// each time a deadline passes (`None`: no longer). A deadline that passes
-/// while this process was stalled gives the replica a whole `timeout`
-/// again, counted from now: otherwise a laptop waking from suspend, or a
-/// VM resumed, would drop every replica (their answers unread) and fail
-/// the IO in flight with EIO.
+/// `fut`, a request to the replica of `shared` queued at `queued`, for
+/// as long as the replica seems alive: until it has answered nothing for
+/// `timeout` (at least `timeout` from now), or has kept the request waiting
+/// [`SLOW_REPLICA_TIMEOUTS`] timeouts while answering others. A deadline
+/// that passes while this process was stalled gives the replica a whole
+/// new start, counted from now: otherwise a laptop waking from suspend,
+/// or a VM resumed, would drop every replica (their answers unread) and
+/// fail the IO in flight with EIO.
 async fn within<F: std::future::Future + Unpin>(
-    timeout: Duration,
     mut fut: F,
-    more: impl Fn() -> Option<Duration>,
-) -> Result<F::Output, ()> {
+    timeout: Duration,
+    shared: &Shared,
+    queued: std::time::Instant,
+) -> Result<F::Output, ClientError> {
     watch_stalls();
+    let limit = timeout * SLOW_REPLICA_TIMEOUTS;
+    // When the wait began, moved past any stall of this process.
+    let mut since = queued;
     let mut wait = timeout;
     loop {
-        let since = std::time::Instant::now();
-        match tokio::time::timeout(wait, &mut fut).await {
-            Ok(out) => return Ok(out),
-            Err(_) if stalled_since(since) => {
-                debug!("a deadline passed while this process was stalled; waiting again");
-                wait = timeout;
-            }
-            Err(_) => wait = more().ok_or(())?,
+        let started = std::time::Instant::now();
+        if let Ok(out) = tokio::time::timeout(wait, &mut fut).await {
+            return Ok(out);
         }
+        if stalled_since(started) {
+            debug!("a deadline passed while this process was stalled; waiting again");
+            since = std::time::Instant::now();
+            wait = timeout;
+            continue;
+        }
+        let addr = shared.addr.clone();
+        let quiet = shared.quiet_for();
+        if quiet >= timeout {
+            return Err(ClientError::Timeout { addr, timeout });
+        }
+        let waited = since.elapsed();
+        if waited >= limit {
+            return Err(ClientError::TooSlow { addr, waited });
+        }
+        wait = (timeout - quiet).min(limit - waited);
     }
 }
 
