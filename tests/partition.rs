@@ -204,7 +204,7 @@ fn cutting_a_replica_link_keeps_the_volume_writable() {
         let job = [
             "--rw=randwrite",
             "--bs=4k",
-            "--iodepth=24",
+            "--iodepth=16",
             "--size=64M",
             "--verify=crc32c",
             "--verify_backlog=1024",
