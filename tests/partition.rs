@@ -373,6 +373,46 @@ fn a_replica_behind_a_slow_link_stays_in_the_volume() {
     assert_all_cleaned_up();
 }
 
+/// One write too large to cross a slow link within the IO timeout (4 MiB,
+/// the largest request an engine sends a replica, over 9 Mbit/s: about
+/// 3.7 s, against 2 s), on an idle volume: B can answer nothing until it
+/// has the whole request, but its node acknowledges the bytes as they
+/// arrive, which shows it alive. It must stay in the volume.
+#[test]
+fn a_large_write_crossing_a_slow_link_keeps_its_replica() {
+    let tmp = tempfile::tempdir().unwrap();
+    {
+        let mut lab = Lab::start(tmp.path());
+        lab.link_b.limit_rate("9mbit");
+        let took = qemu_io(&lab.uri(), &["write -P 0x5a 8M 4M"]);
+        eprintln!("a 4 MiB write over the slow link took {took:?}");
+        assert!(
+            took > IO_TIMEOUT,
+            "the write took {took:?}: the link was not slow enough to test anything"
+        );
+        assert!(
+            lab.dropped(&lab.addr_b).is_empty(),
+            "the engine dropped a replica that was receiving a large write:\n{}",
+            lab.engine.log_text()
+        );
+        assert_eq!(healthy(tmp.path()), 2);
+
+        lab.link_b.full_speed();
+        qemu_io(&lab.uri(), &["read -P 0x5a 8M 4M"]);
+        let status = sigterm_and_wait(&mut lab.engine, STOP_TIMEOUT);
+        assert!(status.success(), "engine exited with {status}");
+        let out = verify_in(&lab.e, &lab);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "the replicas differ:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_all_cleaned_up();
+}
+
 /// A replica that answers, but so slowly that a write would wait more than
 /// three IO timeouts for it (over a link of 2 Mbit/s, 3 MiB take 13 s), is
 /// dropped when the first write has waited that long, and the

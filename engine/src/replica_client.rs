@@ -104,6 +104,9 @@ struct Shared {
     is_closed: AtomicBool,
     /// When the replica last sent anything ([`clock`]).
     last_answer: AtomicU64,
+    /// The TCP socket (a second descriptor of it), to ask the kernel
+    /// whether the replica is taking our data; dropped with the connection.
+    socket: Mutex<Option<std::os::fd::OwnedFd>>,
 }
 
 /// Nanoseconds since this process first asked: an instant an atomic holds.
@@ -122,6 +125,7 @@ impl Shared {
             closed: Mutex::new(None),
             is_closed: AtomicBool::new(closed),
             last_answer: AtomicU64::new(clock()),
+            socket: Mutex::new(None),
         }
     }
 
@@ -135,7 +139,20 @@ impl Shared {
         Duration::from_nanos(clock().saturating_sub(last))
     }
 
+    /// Whether the replica's node has acknowledged our bytes within the
+    /// last `within`, with more on their way to it: it is receiving a
+    /// request too large to cross its link in one timeout.
+    fn receiving(&self, within: Duration) -> bool {
+        use std::os::fd::AsFd;
+        self.socket
+            .lock()
+            .unwrap()
+            .as_ref()
+            .is_some_and(|fd| shorthorn_proto::net::receiving(fd.as_fd(), within))
+    }
+
     fn fail_all(&self, reason: String) {
+        self.socket.lock().unwrap().take();
         let waiters: Vec<Waiter> = {
             let mut closed = self.closed.lock().unwrap();
             if closed.is_none() {
@@ -235,6 +252,9 @@ impl ReplicaClient {
         stream
             .set_nodelay(true)
             .map_err(|e| connect_err(e.to_string()))?;
+        // Without it, only answers count as signs of life.
+        *shared.socket.lock().unwrap() =
+            std::os::fd::AsFd::as_fd(&stream).try_clone_to_owned().ok();
         let (rd, wr) = stream.into_split();
         let mut reader: FrameReader<BoxRead> = FrameReader::new(Box::new(rd));
         let mut writer: FrameWriter<BoxWrite> = FrameWriter::new(Box::new(wr));
@@ -403,7 +423,8 @@ impl PendingCall {
     /// The reply, or an error once the replica has been silent for the IO
     /// timeout since this wait began (not counting time this process was
     /// not running: see [`within`]). A replica that answered other
-    /// requests within the last timeout is slow, not gone
+    /// requests within the last timeout, or whose node is still taking in
+    /// the bytes of a large request, is slow, not gone
     /// (a slow link, a busy disk; its answers come in order of its work, and
     /// ours may be behind megabytes of others): the request waits on, but
     /// at most [`SLOW_REPLICA_TIMEOUTS`] timeouts after it was queued. So a
@@ -505,7 +526,9 @@ fn stalled_since(since: std::time::Instant) -> bool {
 
 /// `fut`, a request to the replica of `shared` queued at `queued`, for
 /// as long as the replica seems alive: until it has answered nothing for
-/// `timeout` (at least `timeout` from now), or has kept the request waiting
+/// `timeout` (at least `timeout` from now) and is not receiving a large
+/// request either (its node acknowledging our bytes), or has kept the
+/// request waiting
 /// [`SLOW_REPLICA_TIMEOUTS`] timeouts while answering others. A deadline
 /// that passes while this process was stalled gives the replica a whole
 /// new start, counted from now: otherwise a laptop waking from suspend,
@@ -535,19 +558,28 @@ async fn within<F: std::future::Future + Unpin>(
         }
         let addr = shared.addr.clone();
         let quiet = shared.quiet_for();
-        if quiet >= timeout {
+        // Silent, unless it is still receiving a large request: then it is
+        // looked at again in half a timeout.
+        let next = if quiet < timeout {
+            timeout - quiet
+        } else if shared.receiving(timeout) {
+            timeout / 2
+        } else {
             return Err(ClientError::Timeout { addr, timeout });
-        }
+        };
         let waited = since.elapsed();
         if waited >= limit {
             return Err(ClientError::TooSlow { addr, waited });
         }
-        wait = (timeout - quiet).min(limit - waited);
+        wait = next.min(limit - waited);
     }
 }
 
 impl Drop for ReplicaClient {
     fn drop(&mut self) {
+        // The second descriptor would keep the socket open after the
+        // connection's tasks end (calls still waiting hold `shared`).
+        self.shared.socket.lock().unwrap().take();
         self.abort_tasks();
     }
 }
@@ -817,6 +849,107 @@ mod tests {
     }
 
     const T: Duration = Duration::from_millis(400);
+
+    /// A fake replica with a small receive buffer that welcomes one client,
+    /// then reads its first request 64 KiB at a time with `pause` between
+    /// reads, stopping for good after `stop_after` bytes if given, and
+    /// answers it Done once it is whole.
+    async fn slow_reading_replica(
+        listener: TcpListener,
+        pause: Duration,
+        stop_after: Option<usize>,
+    ) {
+        use tokio::io::AsyncReadExt;
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut head = [0u8; 4096];
+        let mut got = 0usize;
+        let mut hello = Vec::new();
+        // The hello fits in the first read; the welcome goes back at once.
+        let n = stream.read(&mut head).await.unwrap();
+        hello.extend_from_slice(&head[..n]);
+        let mut reader = FrameReader::new(&hello[..]);
+        let frame = reader.read_frame().await.unwrap().expect("no hello");
+        let welcome = Reply::Welcome(Welcome {
+            version: PROTOCOL_VERSION,
+            server: "fake replica".into(),
+            volume: None,
+        });
+        let (rd, wr) = stream.into_split();
+        let mut writer = FrameWriter::new(wr);
+        writer.write_frame(&welcome.encode(frame.id)).await.unwrap();
+        let mut rd = rd;
+        let mut chunk = vec![0u8; 64 << 10];
+        let mut request = Vec::new();
+        loop {
+            if stop_after.is_some_and(|limit| got >= limit) {
+                // Stops reading, connection open: its window closes.
+                tokio::time::sleep(LIMIT).await;
+                return;
+            }
+            let n = rd.read(&mut chunk).await.unwrap();
+            if n == 0 {
+                return;
+            }
+            got += n;
+            request.extend_from_slice(&chunk[..n]);
+            let mut whole = FrameReader::new(&request[..]);
+            if let Ok(Some(frame)) = whole.read_frame().await {
+                writer
+                    .write_frame(&Reply::Done.encode(frame.id))
+                    .await
+                    .unwrap();
+                // The client hangs up when done.
+                let _ = rd.read(&mut chunk).await;
+                return;
+            }
+            tokio::time::sleep(pause).await;
+        }
+    }
+
+    /// Sends one 4 MiB write to a [`slow_reading_replica`]; how it ended
+    /// and after how long.
+    async fn large_write_to_slow_reader(
+        pause: Duration,
+        stop_after: Option<usize>,
+    ) -> (Result<(), ClientError>, Duration) {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(64 << 10).unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(1).unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let fake = tokio::spawn(slow_reading_replica(listener, pause, stop_after));
+        let client = ReplicaClient::connect(&addr, "test", "v", Generation(1), T)
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        let write = Request::Write {
+            offset: 0,
+            fua: false,
+            data: Bytes::from(vec![7u8; 4 << 20]),
+        };
+        let result = client.start(write).done().await;
+        let took = started.elapsed();
+        drop(client);
+        fake.abort();
+        (result, took)
+    }
+
+    /// A replica that stops taking a request in the middle (its process
+    /// stopped; the connection open, its window closed) is given up like a
+    /// silent one, about a timeout later: its node acknowledged bytes, but
+    /// none are on their way any more. (A slow link, where bytes are on
+    /// their way and acknowledged as they arrive, needs a real link: see
+    /// tests/partition.rs.)
+    #[tokio::test]
+    async fn a_replica_that_stops_taking_a_request_is_given_up() {
+        let (result, took) =
+            large_write_to_slow_reader(Duration::from_millis(20), Some(1 << 20)).await;
+        assert!(
+            matches!(result, Err(ClientError::Timeout { .. })),
+            "after {took:?}: {result:?}"
+        );
+        assert!(took < T * SLOW_REPLICA_TIMEOUTS, "gave up after {took:?}");
+    }
 
     /// A replica that answers nothing is given up one IO timeout after
     /// the request.

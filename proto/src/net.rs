@@ -34,3 +34,34 @@ pub fn keep_alive(stream: &tokio::net::TcpStream) -> std::io::Result<()> {
     set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 10)?;
     set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 5)
 }
+
+/// Whether the peer of TCP socket `fd` has been taking our data lately:
+/// bytes are on their way to it (sent, not yet acknowledged) and its last
+/// acknowledgement arrived less than `within` ago. A peer behind a slow
+/// link that is still receiving one large request says so, although it
+/// cannot answer before the request is whole; a peer whose link is cut,
+/// or whose receive buffer stays full (its process stopped), does not.
+/// False when the kernel does not tell.
+pub fn receiving(fd: std::os::fd::BorrowedFd<'_>, within: std::time::Duration) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: tcp_info is plain integers, for which all zeroes is valid.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `fd` is an open socket for the call's duration, and `info`
+    // is writable for `len` bytes.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    let has_ack_time = len as usize
+        >= std::mem::offset_of!(libc::tcp_info, tcpi_last_ack_recv) + std::mem::size_of::<u32>();
+    r == 0
+        && has_ack_time
+        && info.tcpi_unacked > 0
+        && u128::from(info.tcpi_last_ack_recv) < within.as_millis()
+}
