@@ -444,6 +444,20 @@ fn a_replica_too_slow_for_three_timeouts_is_dropped() {
             dropped[0]
         );
         assert!(lab.dropped(&lab.addr_a).is_empty(), "A was dropped too");
+        // Status says why, although B's other writes in flight then failed
+        // for their closed connection.
+        let status = status_json(tmp.path(), VOLUME);
+        let b = status["replicas"]
+            .as_array()
+            .and_then(|rs| rs.iter().find(|r| r["addr"] == lab.addr_b.as_str()))
+            .cloned()
+            .unwrap_or_default();
+        assert!(
+            b["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("too slow")),
+            "status hides why B is out: {status:#}"
+        );
         // The writes waiting for B waited three timeouts, then whatever
         // saving the new membership on A takes (at most one more).
         let waited = worst(&report, "write");

@@ -35,6 +35,12 @@ const HASH_CHUNK: u32 = 64 * 1024;
 /// How often the recovery loop looks at out replicas and cleans.
 const TICK: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Between two tries to bring back a replica last dropped as too slow
+/// (see [`Slot::too_slow`]), at least [`MAX_BACKOFF`] and at most this:
+/// each try that fails the same way stalls the writes waiting for it for
+/// up to three IO timeouts, so a link that cannot carry the volume's writes
+/// costs a few per cent of the time rather than half.
+const SLOW_MAX_BACKOFF: Duration = Duration::from_secs(120);
 /// Recovery ticks per clean pass.
 const CLEAN_EVERY: u32 = 3;
 /// Recovery ticks between two pings of each replica (5 s): a replica
@@ -313,7 +319,11 @@ impl Volume {
                         }
                         Err(e) => {
                             *slot.progress.last.lock().unwrap() = Some(e.clone());
-                            let backoff = (backoff * 2).min(MAX_BACKOFF);
+                            let backoff = if slot.too_slow() {
+                                (backoff * 2).clamp(MAX_BACKOFF, SLOW_MAX_BACKOFF)
+                            } else {
+                                (backoff * 2).min(MAX_BACKOFF)
+                            };
                             next_try.insert(slot.addr.clone(), (Instant::now() + backoff, backoff));
                             tracing::debug!(volume = %v.name, replica = %slot.addr, error = %e, ?backoff, "replica not back yet");
                         }
@@ -431,16 +441,23 @@ impl Volume {
         match result {
             Ok(()) => self.promote(slot).await,
             Err(e) => {
-                if e.remote().map(|r| r.code) == Some(ErrorCode::StaleGeneration) {
-                    self.fail(slot, &e);
-                } else if e.addr() != slot.addr {
+                if e.addr() != slot.addr
+                    && e.remote().map(|r| r.code) != Some(ErrorCode::StaleGeneration)
+                {
                     // The source failed (and is out already): the
                     // rebuilt replica did nothing wrong.
                     self.mark_out(slot, &format!("its rebuild source failed: {e}"));
                 } else {
-                    self.mark_out(slot, &e.to_string());
+                    self.fail(slot, &e);
                 }
-                Err(e.to_string())
+                // Why it is out: a write may have failed it first.
+                Err(slot
+                    .progress
+                    .last
+                    .lock()
+                    .unwrap()
+                    .clone()
+                    .unwrap_or_else(|| e.to_string()))
             }
         }
     }
@@ -466,6 +483,7 @@ impl Volume {
             return Err("replica failed during its rebuild".into());
         }
         slot.set_full_rebuild_pending(false);
+        slot.set_too_slow(false);
         *slot.progress.last.lock().unwrap() = None;
         Ok(())
     }

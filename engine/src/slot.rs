@@ -23,6 +23,11 @@ pub struct Slot {
     /// healthy while it does not yet count as such (see
     /// `Volume::promote`).
     promoting: AtomicBool,
+    /// Last dropped for keeping a request waiting three IO timeouts while
+    /// it answered others (a link too slow for the volume's writes): its
+    /// rebuilds are tried less often, since each try that fails so stalls
+    /// the writes that wait for it. Cleared once it is healthy again.
+    too_slow: AtomicBool,
     pub progress: RebuildProgress,
 }
 
@@ -61,6 +66,7 @@ impl Slot {
             client: ArcSwapOption::empty(),
             full_rebuild_pending: AtomicBool::new(false),
             promoting: AtomicBool::new(false),
+            too_slow: AtomicBool::new(false),
             progress: RebuildProgress::default(),
         }
     }
@@ -115,6 +121,14 @@ impl Slot {
 
     pub fn full_rebuild_pending(&self) -> bool {
         self.full_rebuild_pending.load(Ordering::Acquire)
+    }
+
+    pub fn set_too_slow(&self, too_slow: bool) {
+        self.too_slow.store(too_slow, Ordering::Release);
+    }
+
+    pub fn too_slow(&self) -> bool {
+        self.too_slow.load(Ordering::Acquire)
     }
 
     pub fn set_promoting(&self, promoting: bool) {

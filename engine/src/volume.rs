@@ -6,8 +6,8 @@
 //! (or keeps one request waiting three timeouts, see
 //! [`crate::replica_client`]) is marked out at once, and the new membership
 //! (who is healthy) is made durable on the remaining replicas before the
-//! write that found the failure is acknowledged — so after any crash, the replicas themselves say which of
-//! them hold every acknowledged write. Out replicas are brought back by the
+//! write that found the failure is acknowledged — so after any crash, the
+//! replicas themselves say which of them hold every acknowledged write. Out replicas are brought back by the
 //! recovery loop ([`crate::recovery`]). With no healthy replica left, every
 //! request fails; none hangs.
 
@@ -212,13 +212,18 @@ impl Volume {
                 }
             }
         }
+        if matches!(why, ClientError::TooSlow { .. }) {
+            slot.set_too_slow(true);
+        }
         self.mark_out(slot, &why.to_string());
     }
 
     pub(crate) fn mark_out(&self, slot: &Slot, why: &str) {
         let before = slot.set_state(MemberState::Out);
-        *slot.progress.last.lock().unwrap() = Some(why.to_string());
         if before != MemberState::Out {
+            // The first reason is the one to show: requests still in flight
+            // then fail only because their connection was closed here.
+            *slot.progress.last.lock().unwrap() = Some(why.to_string());
             if let Some(c) = slot.client() {
                 c.close("marked out");
             }
@@ -374,6 +379,7 @@ impl Volume {
             }
             slot.set_client(Some(client.clone()));
             slot.set_state(MemberState::Healthy);
+            slot.set_too_slow(false);
             self.bump_version();
         }
         warn!(
