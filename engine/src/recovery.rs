@@ -306,10 +306,12 @@ impl Volume {
                     .collect();
                 for slot in out {
                     let now = Instant::now();
-                    let (at, backoff) = next_try
-                        .get(&slot.addr)
-                        .copied()
-                        .unwrap_or((now, Duration::from_millis(500)));
+                    // Dropped as too slow, it is not tried again at once.
+                    let first = match slot.too_slow() {
+                        true => (now + MAX_BACKOFF, MAX_BACKOFF),
+                        false => (now, Duration::from_millis(500)),
+                    };
+                    let (at, backoff) = *next_try.entry(slot.addr.clone()).or_insert(first);
                     if now < at {
                         continue;
                     }
