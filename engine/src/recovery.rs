@@ -273,7 +273,7 @@ impl Volume {
                     _ = tokio::time::sleep(TICK) => {}
                 }
                 let Some(v) = weak.upgrade() else { return };
-                if v.check_fenced().is_err() {
+                if v.check_fenced().is_err() || v.is_stopping() {
                     return;
                 }
                 ticks = ticks.wrapping_add(1);
@@ -305,6 +305,9 @@ impl Volume {
                     .cloned()
                     .collect();
                 for slot in out {
+                    if v.is_stopping() {
+                        return;
+                    }
                     let now = Instant::now();
                     // Dropped as too slow, it is not tried again at once.
                     let first = match slot.too_slow() {
@@ -544,6 +547,14 @@ impl Volume {
             })
             .buffer_unordered(REBUILD_PARALLEL);
         while let Some(result) = copies.next().await {
+            if self.is_stopping() {
+                // The next engine rebuilds it (it is not healthy in the
+                // saved membership); this one's stop does not wait.
+                return Err(ClientError::Closed {
+                    addr: slot.addr.clone(),
+                    reason: "the engine is stopping".into(),
+                });
+            }
             if slot.state() != MemberState::Rebuilding {
                 // Dropped by a live write or a membership save; say why.
                 let why = slot.progress.last.lock().unwrap().clone();

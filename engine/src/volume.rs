@@ -78,6 +78,9 @@ pub struct Volume {
     /// volume is claimed but not served yet, and its membership is not
     /// changed from outside.
     starting: AtomicBool,
+    /// Set once the engine is stopping: the recovery loop ends, so no
+    /// rebuild starts while the last flush and clean run.
+    stopping: AtomicBool,
 }
 
 /// What recovery did, for logs, status and tests.
@@ -121,6 +124,7 @@ impl Volume {
             wake: Arc::new(Notify::new()),
             stats: RecoveryStats::default(),
             starting: AtomicBool::new(true),
+            stopping: AtomicBool::new(false),
         }
     }
 
@@ -132,6 +136,18 @@ impl Volume {
 
     pub(crate) fn started(&self) {
         self.starting.store(false, Ordering::Release);
+    }
+
+    /// The engine is stopping (its clients are gone): replicas that are
+    /// out stay out, the recovery loop ends, and a rebuild under way ends
+    /// after the region copies it has in flight.
+    pub fn stop_recovery(&self) {
+        self.stopping.store(true, Ordering::Release);
+        self.wake.notify_one();
+    }
+
+    pub(crate) fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
     }
 
     pub fn name(&self) -> &VolumeName {

@@ -294,6 +294,7 @@ pub async fn run_engine(
     stop_control(&stop_tx, control).await;
     served.context("serving NBD")?;
     info!(volume = %args.name, "stopping: flushing the volume");
+    volume.stop_recovery();
     match volume.flush().await {
         Ok(()) => volume.clean_at_stop().await,
         Err(e) => error!(volume = %args.name, error = %e, "final flush failed"),
