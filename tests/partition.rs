@@ -183,6 +183,21 @@ fn qemu_io(uri: &str, cmds: &[&str]) -> Duration {
     started.elapsed()
 }
 
+/// Stops the engine, then compares the replicas byte for byte; `when`
+/// says what they went through, for the failure message.
+fn stop_and_verify(lab: &mut Lab, when: &str) {
+    let status = sigterm_and_wait(&mut lab.engine, STOP_TIMEOUT);
+    assert!(status.success(), "engine exited with {status}");
+    let out = verify_in(&lab.e, lab);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "replicas differ {when}:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The longest fio waited for one IO in direction `dir` ("read", "write").
 fn worst(report: &FioReport, dir: &str) -> Duration {
     report.jobs()[0][dir]["lat_ns"]["max"]
@@ -359,16 +374,7 @@ fn a_replica_behind_a_slow_link_stays_in_the_volume() {
         assert_eq!(healthy(tmp.path()), 2);
 
         lab.link_b.full_speed();
-        let status = sigterm_and_wait(&mut lab.engine, STOP_TIMEOUT);
-        assert!(status.success(), "engine exited with {status}");
-        let out = verify_in(&lab.e, &lab);
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "the replicas differ:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        stop_and_verify(&mut lab, "after writing over the slow link");
     }
     assert_all_cleaned_up();
 }
@@ -399,16 +405,7 @@ fn a_large_write_crossing_a_slow_link_keeps_its_replica() {
 
         lab.link_b.full_speed();
         qemu_io(&lab.uri(), &["read -P 0x5a 8M 4M"]);
-        let status = sigterm_and_wait(&mut lab.engine, STOP_TIMEOUT);
-        assert!(status.success(), "engine exited with {status}");
-        let out = verify_in(&lab.e, &lab);
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "the replicas differ:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        stop_and_verify(&mut lab, "after the large write");
     }
     assert_all_cleaned_up();
 }
@@ -446,17 +443,12 @@ fn a_replica_too_slow_for_three_timeouts_is_dropped() {
         assert!(lab.dropped(&lab.addr_a).is_empty(), "A was dropped too");
         // Status says why, although B's other writes in flight then failed
         // for their closed connection.
-        let status = status_json(tmp.path(), VOLUME);
-        let b = status["replicas"]
-            .as_array()
-            .and_then(|rs| rs.iter().find(|r| r["addr"] == lab.addr_b.as_str()))
-            .cloned()
-            .unwrap_or_default();
+        let b = replica_status(tmp.path(), VOLUME, &lab.addr_b);
         assert!(
             b["last_error"]
                 .as_str()
                 .is_some_and(|e| e.contains("too slow")),
-            "status hides why B is out: {status:#}"
+            "status hides why B is out: {b:#}"
         );
         // The writes waiting for B waited three timeouts, then whatever
         // saving the new membership on A takes (at most one more).
@@ -592,16 +584,7 @@ fn restored_link_brings_the_replica_back_by_delta_rebuild() {
 
         // B missed nothing while cut (only reads happened), so once the
         // engine is stopped, the replicas must compare identical.
-        let status = sigterm_and_wait(&mut lab.engine, STOP_TIMEOUT);
-        assert!(status.success(), "engine exited with {status}");
-        let out = verify_in(&lab.e, &lab);
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "replicas differ after the rebuild:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        stop_and_verify(&mut lab, "after the rebuild");
     }
     assert_all_cleaned_up();
 }

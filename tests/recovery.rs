@@ -21,14 +21,6 @@ fn reconcile_compared(dir: &Path, volume: &str) -> u64 {
         .expect("the engine's status has reconcile.bytes_compared")
 }
 
-fn replica_status(dir: &Path, volume: &str, addr: &str) -> serde_json::Value {
-    let s = status_json(dir, volume);
-    s["replicas"]
-        .as_array()
-        .and_then(|rs| rs.iter().find(|r| r["addr"] == addr).cloned())
-        .unwrap_or_else(|| panic!("no replica {addr} in {s:#}"))
-}
-
 /// `kill -9` one replica daemon, then the other, ten times in all, while
 /// fio writes and verifies; each comes back on its own and is rebuilt
 /// before the next kill. Every kill lands while fio's writes are reaching

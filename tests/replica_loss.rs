@@ -36,17 +36,12 @@ fn a_replica_gone_silent_while_idle_is_noticed_without_io() {
     let noticed = stalled.elapsed();
     r2.proc.signal(Signal::SIGCONT);
     eprintln!("a silent replica of an idle volume was marked out after {noticed:?}");
-    let s = status_json(tmp.path(), "quiet");
-    let r = s["replicas"]
-        .as_array()
-        .and_then(|rs| rs.iter().find(|r| r["addr"] == r2.addr.as_str()))
-        .cloned()
-        .unwrap_or_default();
+    let r = replica_status(tmp.path(), "quiet", &r2.addr);
     assert!(
         r["last_error"]
             .as_str()
             .is_some_and(|e| e.contains("did not answer")),
-        "{s:#}"
+        "{r:#}"
     );
     wait_healthy(tmp.path(), "quiet", 2);
     qemu_io_ok(&engine.uri(), &["read -P 0x33 0 4M"]);

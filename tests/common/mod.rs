@@ -437,6 +437,15 @@ pub fn wait_healthy_within(dir: &Path, volume: &str, n: u64, within: Duration) {
     });
 }
 
+/// What the engine's status says of the replica at `addr`.
+pub fn replica_status(dir: &Path, volume: &str, addr: &str) -> serde_json::Value {
+    let s = status_json(dir, volume);
+    s["replicas"]
+        .as_array()
+        .and_then(|rs| rs.iter().find(|r| r["addr"] == addr).cloned())
+        .unwrap_or_else(|| panic!("no replica {addr} in {s:#}"))
+}
+
 /// The engine's `volume status --json` answer (its run dir is `dir`).
 pub fn status_json(dir: &Path, volume: &str) -> serde_json::Value {
     let out = shorthorn(&[
