@@ -41,6 +41,15 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// up to three IO timeouts, so a link that cannot carry the volume's writes
 /// costs a few per cent of the time rather than half.
 const SLOW_MAX_BACKOFF: Duration = Duration::from_secs(120);
+/// The shortest and longest wait between two tries to bring `slot` back.
+fn backoff_bounds(slot: &Slot) -> (Duration, Duration) {
+    if slot.too_slow() {
+        (MAX_BACKOFF, SLOW_MAX_BACKOFF)
+    } else {
+        (Duration::from_millis(500), MAX_BACKOFF)
+    }
+}
+
 /// Recovery ticks per clean pass.
 const CLEAN_EVERY: u32 = 3;
 /// Recovery ticks between two pings of each replica (5 s): a replica
@@ -309,11 +318,9 @@ impl Volume {
                         return;
                     }
                     let now = Instant::now();
+                    let (floor, cap) = backoff_bounds(&slot);
                     // Dropped as too slow, it is not tried again at once.
-                    let first = match slot.too_slow() {
-                        true => (now + MAX_BACKOFF, MAX_BACKOFF),
-                        false => (now, Duration::from_millis(500)),
-                    };
+                    let first = (if slot.too_slow() { now + floor } else { now }, floor);
                     let (at, backoff) = *next_try.entry(slot.addr.clone()).or_insert(first);
                     if now < at {
                         continue;
@@ -324,11 +331,7 @@ impl Volume {
                         }
                         Err(e) => {
                             *slot.progress.last.lock().unwrap() = Some(e.clone());
-                            let backoff = if slot.too_slow() {
-                                (backoff * 2).clamp(MAX_BACKOFF, SLOW_MAX_BACKOFF)
-                            } else {
-                                (backoff * 2).min(MAX_BACKOFF)
-                            };
+                            let backoff = (backoff * 2).clamp(floor, cap);
                             next_try.insert(slot.addr.clone(), (Instant::now() + backoff, backoff));
                             tracing::debug!(volume = %v.name, replica = %slot.addr, error = %e, ?backoff, "replica not back yet");
                         }

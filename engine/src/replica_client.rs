@@ -556,7 +556,6 @@ async fn within<F: std::future::Future + Unpin>(
             wait = timeout;
             continue;
         }
-        let addr = shared.addr.clone();
         let quiet = shared.quiet_for();
         // Silent, unless it is still receiving a large request: then it is
         // looked at again in half a timeout.
@@ -565,10 +564,12 @@ async fn within<F: std::future::Future + Unpin>(
         } else if shared.receiving(timeout) {
             timeout / 2
         } else {
+            let addr = shared.addr.clone();
             return Err(ClientError::Timeout { addr, timeout });
         };
         let waited = since.elapsed();
         if waited >= limit {
+            let addr = shared.addr.clone();
             return Err(ClientError::TooSlow { addr, waited });
         }
         wait = next.min(limit - waited);

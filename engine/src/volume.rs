@@ -7,9 +7,9 @@
 //! [`crate::replica_client`]) is marked out at once, and the new membership
 //! (who is healthy) is made durable on the remaining replicas before the
 //! write that found the failure is acknowledged — so after any crash, the
-//! replicas themselves say which of them hold every acknowledged write. Out replicas are brought back by the
-//! recovery loop ([`crate::recovery`]). With no healthy replica left, every
-//! request fails; none hangs.
+//! replicas themselves say which of them hold every acknowledged write. Out
+//! replicas are brought back by the recovery loop ([`crate::recovery`]).
+//! With no healthy replica left, every request fails; none hangs.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
