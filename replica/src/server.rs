@@ -397,10 +397,15 @@ impl Conn {
             if let Some(reply) = answered {
                 return reply;
             }
-            match execute(request, ticket, &session, &store, &states).await {
-                Ok(reply) => reply,
-                Err(err) => Reply::Error(err),
-            }
+            // Every IO request's future is moved into a task (or a box) of
+            // its own: the IO path's future is kept small, and the other
+            // requests, rare and with much larger futures, wait in a box.
+            let executed = if is_io(&request) {
+                execute_data(request, ticket, &session).await
+            } else {
+                Box::pin(execute(request, ticket, &session, &store, &states)).await
+            };
+            executed.unwrap_or_else(Reply::Error)
         }
     }
 }
@@ -631,34 +636,64 @@ async fn execute(
             let replica = io_replica(session, true)?;
             hashes(replica, offset, len, chunk).await
         }
-        io => {
-            let read_only = matches!(io, Request::Read { .. });
-            let replica = io_replica(session, read_only)?;
-            // Held for the IO's duration: a newer session waits for it.
-            let _gate = match read_only {
-                false => Some(newest_session(session).await?),
-                true => None,
-            };
-            if let (Some(t), Some(state)) = (ticket, session.state()) {
-                state.dirty().persist(t).await.map_err(|e| {
-                    RemoteError::new(ErrorCode::Io, format!("saving the dirty map: {e}"))
-                })?;
-            }
-            // A flush makes the data of regions cleared before it durable,
-            // so their clears may reach the dirty map's file.
-            match (&io, session.state()) {
-                (Request::Flush, Some(state)) => {
-                    let reply = state
-                        .dirty()
-                        .releasing_clears(execute_io(io, replica))
-                        .await?;
-                    let _ = state.dirty().sync_clears().await;
-                    Ok(reply)
-                }
-                _ => execute_io(io, replica).await,
-            }
-        }
+        io => execute_data(io, ticket, session).await,
     }
+}
+
+/// Whether [`execute_data`] serves this request: reads, writes and the
+/// other requests on the volume's data.
+fn is_io(request: &Request) -> bool {
+    matches!(
+        request,
+        Request::Read { .. }
+            | Request::Write { .. }
+            | Request::Flush
+            | Request::Trim { .. }
+            | Request::WriteZeroes { .. }
+    )
+}
+
+/// A request on the volume's data, under the volume's IO gate and with its
+/// regions marked dirty first (`ticket`).
+async fn execute_data(
+    io: Request,
+    ticket: Option<u64>,
+    session: &Session,
+) -> Result<Reply, RemoteError> {
+    let read_only = matches!(io, Request::Read { .. });
+    let replica = io_replica(session, read_only)?;
+    // Held for the IO's duration: a newer session waits for it.
+    let _gate = match read_only {
+        false => Some(newest_session(session).await?),
+        true => None,
+    };
+    if let (Some(t), Some(state)) = (ticket, session.state()) {
+        state
+            .dirty()
+            .persist(t)
+            .await
+            .map_err(|e| RemoteError::new(ErrorCode::Io, format!("saving the dirty map: {e}")))?;
+    }
+    match (&io, session.state()) {
+        (Request::Flush, Some(state)) => Box::pin(flush_and_clear(io, replica, state)).await,
+        _ => execute_io(io, replica).await,
+    }
+}
+
+/// A flush, after which the regions cleared before it may reach the dirty
+/// map's file. Boxed by its caller: it is rare beside writes, and its future
+/// is as large as the rest of a write's.
+async fn flush_and_clear(
+    flush: Request,
+    replica: &Replica,
+    state: &VolumeState,
+) -> Result<Reply, RemoteError> {
+    let reply = state
+        .dirty()
+        .releasing_clears(execute_io(flush, replica))
+        .await?;
+    let _ = state.dirty().sync_clears().await;
+    Ok(reply)
 }
 
 /// For a request that changes the replica: holds the volume's IO gate
