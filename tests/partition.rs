@@ -465,6 +465,65 @@ fn a_replica_too_slow_for_three_timeouts_is_dropped() {
     assert_all_cleaned_up();
 }
 
+/// Like [`DEEP_WRITES`] (3 MiB in flight), but 4 MiB in all: enough for
+/// writes to wait far longer than three IO timeouts behind a link of
+/// 2 Mbit/s, and done in about 20 s.
+const FEW_DEEP_WRITES: [&str; 5] = [
+    "--rw=write",
+    "--bs=128k",
+    "--iodepth=24",
+    "--size=4M",
+    "--verify=crc32c",
+];
+
+/// A is cut off, and B, behind a link too slow for three IO timeouts per
+/// write (as above), is left the volume's only healthy replica. Dropping it
+/// as too slow would leave no replica and fail the writes with EIO,
+/// although B answers them all: it must stay, and the volume write at its
+/// speed, with no error.
+#[test]
+fn the_last_healthy_replica_is_kept_however_slow() {
+    let tmp = tempfile::tempdir().unwrap();
+    {
+        let mut lab = Lab::start(tmp.path());
+        lab.link_a.cut();
+        lab.link_b.limit_rate("2mbit");
+        let report = Fio::run(
+            tmp.path(),
+            "left-alone",
+            &lab.uri(),
+            &FEW_DEEP_WRITES,
+            Duration::from_secs(180),
+        );
+        report.assert_wrote_and_verified(4 << 20);
+        let waited = worst(&report, "write");
+        eprintln!("worst write with B alone behind the slow link: {waited:?}");
+        // Otherwise B was never too slow, and nothing was tested.
+        assert!(
+            waited > SLOW_REPLICA_TIMEOUTS * IO_TIMEOUT,
+            "no write waited longer than {SLOW_REPLICA_TIMEOUTS} IO timeouts ({waited:?})"
+        );
+        let dropped = lab.dropped(&lab.addr_a);
+        assert!(
+            dropped
+                .first()
+                .is_some_and(|d| d.contains("did not answer within")),
+            "A was not dropped for its silence:\n{}",
+            lab.engine.log_text()
+        );
+        assert!(
+            lab.dropped(&lab.addr_b).is_empty(),
+            "the engine dropped its last healthy replica, which answered:\n{}",
+            lab.engine.log_text()
+        );
+        assert_eq!(healthy(tmp.path()), 1);
+        lab.link_b.full_speed();
+        let status = sigterm_and_wait(&mut lab.engine, STOP_TIMEOUT);
+        assert!(status.success(), "engine exited with {status}");
+    }
+    assert_all_cleaned_up();
+}
+
 /// What the engine logs when a rebuild ends, with its `kind` (`delta` or
 /// `full`), `bytes_compared` and `bytes_copied`.
 const REBUILT: &str = "rebuild finished";

@@ -107,6 +107,8 @@ struct Shared {
     /// The TCP socket (a second descriptor of it), to ask the kernel
     /// whether the replica is taking our data; dropped with the connection.
     socket: Mutex<Option<std::os::fd::OwnedFd>>,
+    /// The volume's only healthy replica (see [`ReplicaClient::set_sole`]).
+    sole: AtomicBool,
 }
 
 /// Nanoseconds since this process first asked: an instant an atomic holds.
@@ -126,6 +128,7 @@ impl Shared {
             is_closed: AtomicBool::new(closed),
             last_answer: AtomicU64::new(clock()),
             socket: Mutex::new(None),
+            sole: AtomicBool::new(false),
         }
     }
 
@@ -370,6 +373,16 @@ impl ReplicaClient {
         unexpected(&self.shared.addr, reply)
     }
 
+    /// Whether this is the volume's only healthy replica. Requests then
+    /// wait for it as long as it keeps answering, without the limit of
+    /// [`SLOW_REPLICA_TIMEOUTS`]: that limit drops a slow replica so the
+    /// volume goes on at the speed of the others, and with no other it
+    /// would only turn a slow write into a failed one. A silent replica is
+    /// still given up after the IO timeout.
+    pub fn set_sole(&self, sole: bool) {
+        self.shared.sole.store(sole, Ordering::Relaxed);
+    }
+
     /// Closes the connection now: later calls fail at once, and so do
     /// calls in flight on a socket. Calls in flight to a daemon in this
     /// process finish first (their IO is already under way here).
@@ -427,7 +440,9 @@ impl PendingCall {
     /// the bytes of a large request, is slow, not gone
     /// (a slow link, a busy disk; its answers come in order of its work, and
     /// ours may be behind megabytes of others): the request waits on, but
-    /// at most [`SLOW_REPLICA_TIMEOUTS`] timeouts after it was queued. So a
+    /// at most [`SLOW_REPLICA_TIMEOUTS`] timeouts after it was queued
+    /// (unless this is the volume's only healthy replica, see
+    /// [`ReplicaClient::set_sole`]). So a
     /// replica behind a slow link stays in the volume, which is then as
     /// slow as that link, instead of being dropped and rebuilt over and
     /// over; a replica that falls silent is still given up one timeout
@@ -528,8 +543,8 @@ fn stalled_since(since: std::time::Instant) -> bool {
 /// as long as the replica seems alive: until it has answered nothing for
 /// `timeout` (at least `timeout` from now) and is not receiving a large
 /// request either (its node acknowledging our bytes), or has kept the
-/// request waiting
-/// [`SLOW_REPLICA_TIMEOUTS`] timeouts while answering others. A deadline
+/// request waiting [`SLOW_REPLICA_TIMEOUTS`] timeouts while answering
+/// others (unless it is the volume's only healthy replica). A deadline
 /// that passes while this process was stalled gives the replica a whole
 /// new start, counted from now: otherwise a laptop waking from suspend,
 /// or a VM resumed, would drop every replica (their answers unread) and
@@ -567,6 +582,10 @@ async fn within<F: std::future::Future + Unpin>(
             let addr = shared.addr.clone();
             return Err(ClientError::Timeout { addr, timeout });
         };
+        if shared.sole.load(Ordering::Relaxed) {
+            wait = next;
+            continue;
+        }
         let waited = since.elapsed();
         if waited >= limit {
             let addr = shared.addr.clone();
@@ -815,10 +834,12 @@ mod tests {
 
     /// Starts a read the fake never answers while another task pings it
     /// every 50 ms for `pinging` (answered at once); returns how the read
-    /// ended and after how long.
+    /// ended and after how long. `sole`: the client is told the replica is
+    /// its volume's only healthy one.
     async fn held_read_while_pinging(
         timeout: Duration,
         pinging: Duration,
+        sole: bool,
     ) -> (Result<Reply, ClientError>, Duration) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
@@ -826,6 +847,7 @@ mod tests {
         let client = ReplicaClient::connect(&addr, "test", "v", Generation(1), timeout)
             .await
             .unwrap();
+        client.set_sole(sole);
         let client = Arc::new(client);
         let started = std::time::Instant::now();
         let read = client.start(Request::Read {
@@ -956,7 +978,7 @@ mod tests {
     /// the request.
     #[tokio::test]
     async fn a_silent_replica_is_given_up_after_one_timeout() {
-        let (result, took) = held_read_while_pinging(T, Duration::ZERO).await;
+        let (result, took) = held_read_while_pinging(T, Duration::ZERO, false).await;
         assert!(
             matches!(result, Err(ClientError::Timeout { .. })),
             "{result:?}"
@@ -970,7 +992,7 @@ mod tests {
     #[tokio::test]
     async fn a_replica_answering_others_is_waited_for_until_it_falls_silent() {
         let pinging = Duration::from_millis(600);
-        let (result, took) = held_read_while_pinging(T, pinging).await;
+        let (result, took) = held_read_while_pinging(T, pinging, false).await;
         assert!(
             matches!(result, Err(ClientError::Timeout { .. })),
             "{result:?}"
@@ -986,12 +1008,29 @@ mod tests {
     /// at most SLOW_REPLICA_TIMEOUTS IO timeouts, then fails as too slow.
     #[tokio::test]
     async fn a_request_waits_at_most_three_timeouts_for_a_slow_replica() {
-        let (result, took) = held_read_while_pinging(T, 6 * T).await;
+        let (result, took) = held_read_while_pinging(T, 6 * T, false).await;
         assert!(
             matches!(result, Err(ClientError::TooSlow { .. })),
             "{result:?}"
         );
         let limit = T * SLOW_REPLICA_TIMEOUTS;
         assert!(took >= limit && took < limit + T, "gave up after {took:?}");
+    }
+
+    /// The volume's only healthy replica is not dropped as too slow: a
+    /// request waits for it as long as it answers others (here six
+    /// timeouts), and is given up only once it falls silent.
+    #[tokio::test]
+    async fn the_only_healthy_replica_is_waited_for_while_it_answers() {
+        let pinging = 6 * T;
+        let (result, took) = held_read_while_pinging(T, pinging, true).await;
+        assert!(
+            matches!(result, Err(ClientError::Timeout { .. })),
+            "{result:?}"
+        );
+        assert!(
+            took >= pinging + T - Duration::from_millis(50),
+            "gave up after {took:?}, while the replica answered until {pinging:?}"
+        );
     }
 }

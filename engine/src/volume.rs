@@ -3,8 +3,8 @@
 //! healthy one has acknowledged it; reads come from one healthy replica.
 //!
 //! A replica that errors, disconnects, or answers nothing for the IO timeout
-//! (or keeps one request waiting three timeouts, see
-//! [`crate::replica_client`]) is marked out at once, and the new membership
+//! (or keeps one request waiting three timeouts while another replica is
+//! healthy, see [`crate::replica_client`]) is marked out at once, and the new membership
 //! (who is healthy) is made durable on the remaining replicas before the
 //! write that found the failure is acknowledged — so after any crash, the
 //! replicas themselves say which of them hold every acknowledged write. Out
@@ -207,8 +207,26 @@ impl Volume {
         true
     }
 
+    /// Notes that the replicas' states changed: the membership is saved
+    /// again before the next write is acknowledged.
     pub(crate) fn bump_version(&self) {
         self.version.fetch_add(1, Ordering::AcqRel);
+        self.note_sole_replica();
+    }
+
+    /// Tells every replica's client whether it is now the volume's only
+    /// healthy replica, which requests wait for however slow it is
+    /// ([`ReplicaClient::set_sole`]). Called whenever a replica's state or
+    /// client changes.
+    pub(crate) fn note_sole_replica(&self) {
+        let slots = self.slots.load();
+        let healthy = |s: &Slot| s.state() == MemberState::Healthy;
+        let sole = slots.iter().filter(|s| healthy(s)).count() == 1;
+        for s in slots.iter() {
+            if let Some(c) = s.client() {
+                c.set_sole(sole && healthy(s));
+            }
+        }
     }
 
     /// Handles a replica's failure: a stale-generation answer fences the
@@ -439,19 +457,21 @@ impl Volume {
                 }
             }
         }
+        // A replica that fails is marked out at once, not when the others
+        // answer: one left alone, however slow, is then waited for as the
+        // volume's only healthy replica, not dropped too.
         let results = join_all(calls.into_iter().map(|(s, call)| async move {
             let r = call.done().await;
+            if let Err(e) = &r {
+                self.fail(&s, e);
+            }
             (s, r)
         }))
         .await;
-        let mut healthy_acks = 0;
-        for (slot, result) in &results {
-            match result {
-                Ok(()) if slot.state() == MemberState::Healthy => healthy_acks += 1,
-                Ok(()) => {}
-                Err(e) => self.fail(slot, e),
-            }
-        }
+        let healthy_acks = results
+            .iter()
+            .filter(|(slot, r)| r.is_ok() && slot.state() == MemberState::Healthy)
+            .count();
         // Only now, with whoever missed the write marked out, may its
         // regions look idle to the cleaner (`clean` checks health after).
         if let Some((o, l)) = range {
