@@ -182,7 +182,7 @@ impl Volume {
             epoch,
             REGION_SIZE,
         ));
-        volume.note_sole_replica();
+        volume.note_peers();
         volume.ensure_membership().await?;
 
         // 4. Where writes may have been in flight when the last engine

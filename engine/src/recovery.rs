@@ -490,7 +490,7 @@ impl Volume {
         if !slot.transition(MemberState::Rebuilding, MemberState::Healthy) {
             return Err("replica failed during its rebuild".into());
         }
-        self.note_sole_replica();
+        self.note_peers();
         slot.set_full_rebuild_pending(false);
         slot.set_too_slow(false);
         *slot.progress.last.lock().unwrap() = None;

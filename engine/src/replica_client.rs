@@ -67,6 +67,9 @@ impl ClientError {
 pub const SLOW_REPLICA_TIMEOUTS: u32 = 3;
 
 type Waiter = oneshot::Sender<Result<Reply, ClientError>>;
+/// A remote call's waiter, and the call's place in the order calls were
+/// started ([`Shared::next_order`]).
+type Pending = (Waiter, u64);
 type BoxRead = Box<dyn AsyncRead + Unpin + Send>;
 type BoxWrite = Box<dyn AsyncWrite + Unpin + Send>;
 
@@ -98,7 +101,7 @@ fn local_service(addr: &str) -> Option<Arc<dyn LocalService>> {
 
 struct Shared {
     addr: String,
-    pending: Mutex<HashMap<u64, Waiter>>,
+    pending: Mutex<HashMap<u64, Pending>>,
     /// Set once the connection is known dead; holds why.
     closed: Mutex<Option<String>>,
     is_closed: AtomicBool,
@@ -107,8 +110,15 @@ struct Shared {
     /// The TCP socket (a second descriptor of it), to ask the kernel
     /// whether the replica is taking our data; dropped with the connection.
     socket: Mutex<Option<std::os::fd::OwnedFd>>,
-    /// The volume's only healthy replica (see [`ReplicaClient::set_sole`]).
-    sole: AtomicBool,
+    /// Numbers calls in the order they were started, local or remote.
+    next_order: AtomicU64,
+    /// The highest such number among the calls answered so far: the
+    /// replica has received (and answered) a call started after one still
+    /// waiting.
+    answered_order: AtomicU64,
+    /// The other healthy replicas of the volume (see
+    /// [`ReplicaClient::set_peers`]); weak, as theirs point back here.
+    peers: Mutex<Vec<std::sync::Weak<Shared>>>,
 }
 
 /// Nanoseconds since this process first asked: an instant an atomic holds.
@@ -128,12 +138,31 @@ impl Shared {
             is_closed: AtomicBool::new(closed),
             last_answer: AtomicU64::new(clock()),
             socket: Mutex::new(None),
-            sole: AtomicBool::new(false),
+            next_order: AtomicU64::new(1),
+            answered_order: AtomicU64::new(0),
+            peers: Mutex::new(Vec::new()),
         }
     }
 
     fn answered(&self) {
         self.last_answer.store(clock(), Ordering::Relaxed);
+    }
+
+    /// Notes that the call numbered `order` was answered.
+    fn answered_call(&self, order: u64) {
+        self.answered_order.fetch_max(order, Ordering::Relaxed);
+    }
+
+    /// Whether another healthy replica has answered anything since
+    /// `since` (a [`clock`] reading): the volume is being served without
+    /// this one.
+    fn others_serving_since(&self, since: u64) -> bool {
+        self.peers
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .any(|p| p.last_answer.load(Ordering::Relaxed) > since)
     }
 
     /// How long the replica has sent nothing.
@@ -166,7 +195,7 @@ impl Shared {
                 .lock()
                 .unwrap()
                 .drain()
-                .map(|(_, w)| w)
+                .map(|(_, (w, _))| w)
                 .collect()
         };
         for w in waiters {
@@ -336,6 +365,7 @@ impl ReplicaClient {
         if self.is_closed() {
             return PendingCall::failed(self.shared.closed_error());
         }
+        let order = self.shared.next_order.fetch_add(1, Ordering::Relaxed);
         let (tx, next_id) = match &self.link {
             Link::Local(session) => {
                 return PendingCall {
@@ -343,13 +373,15 @@ impl ReplicaClient {
                     shared: self.shared.clone(),
                     timeout: self.timeout,
                     queued: std::time::Instant::now(),
+                    queued_at: clock(),
+                    order,
                 }
             }
             Link::Remote { tx, next_id, .. } => (tx, next_id),
         };
         let id = next_id.fetch_add(1, Ordering::Relaxed);
         let (wtx, wrx) = oneshot::channel();
-        self.shared.pending.lock().unwrap().insert(id, wtx);
+        self.shared.pending.lock().unwrap().insert(id, (wtx, order));
         // Checked again after registering, so a close racing with this call
         // either drained our waiter or is seen here.
         if self.is_closed() || tx.send(request.encode(id)).is_err() {
@@ -361,6 +393,8 @@ impl ReplicaClient {
             shared: self.shared.clone(),
             timeout: self.timeout,
             queued: std::time::Instant::now(),
+            queued_at: clock(),
+            order,
         }
     }
 
@@ -373,14 +407,15 @@ impl ReplicaClient {
         unexpected(&self.shared.addr, reply)
     }
 
-    /// Whether this is the volume's only healthy replica. Requests then
-    /// wait for it as long as it keeps answering, without the limit of
-    /// [`SLOW_REPLICA_TIMEOUTS`]: that limit drops a slow replica so the
-    /// volume goes on at the speed of the others, and with no other it
-    /// would only turn a slow write into a failed one. A silent replica is
-    /// still given up after the IO timeout.
-    pub fn set_sole(&self, sole: bool) {
-        self.shared.sole.store(sole, Ordering::Relaxed);
+    /// The volume's other healthy replicas. A request that waits
+    /// [`SLOW_REPLICA_TIMEOUTS`] timeouts for this replica while one of them
+    /// answered gives it up as too slow: the volume goes on at their speed.
+    /// With none serving, giving up would only turn a slow write into a
+    /// failed one, so the request waits as long as the replica works
+    /// through what came before it (see [`PendingCall::wait`]).
+    pub fn set_peers(&self, peers: &[&ReplicaClient]) {
+        *self.shared.peers.lock().unwrap() =
+            peers.iter().map(|c| Arc::downgrade(&c.shared)).collect();
     }
 
     /// Closes the connection now: later calls fail at once, and so do
@@ -414,6 +449,10 @@ pub struct PendingCall {
     shared: Arc<Shared>,
     timeout: Duration,
     queued: std::time::Instant,
+    /// `queued` as a [`clock`] reading.
+    queued_at: u64,
+    /// Its place in the order this client's calls were started.
+    order: u64,
 }
 
 enum Waiting {
@@ -430,6 +469,8 @@ impl PendingCall {
             shared: Arc::new(Shared::new("", true)),
             timeout: Duration::ZERO,
             queued: std::time::Instant::now(),
+            queued_at: clock(),
+            order: 0,
         }
     }
 
@@ -440,23 +481,33 @@ impl PendingCall {
     /// the bytes of a large request, is slow, not gone
     /// (a slow link, a busy disk; its answers come in order of its work, and
     /// ours may be behind megabytes of others): the request waits on, but
-    /// at most [`SLOW_REPLICA_TIMEOUTS`] timeouts after it was queued
-    /// (unless this is the volume's only healthy replica, see
-    /// [`ReplicaClient::set_sole`]). So a
+    /// at most [`SLOW_REPLICA_TIMEOUTS`] timeouts after it was queued if
+    /// another healthy replica answered meanwhile ([`ReplicaClient::set_peers`]).
+    /// With none, it waits as long as the replica works through what came
+    /// before it, and at most [`SLOW_REPLICA_TIMEOUTS`] timeouts after the
+    /// replica first answered a request started after it (then it is stuck
+    /// at the replica, not behind the link). So a
     /// replica behind a slow link stays in the volume, which is then as
     /// slow as that link, instead of being dropped and rebuilt over and
     /// over; a replica that falls silent is still given up one timeout
     /// after its last answer. A replica's error answer comes back as
     /// [`ClientError::Remote`].
     pub async fn wait(self) -> Result<Reply, ClientError> {
-        let (shared, timeout, queued) = (&*self.shared, self.timeout, self.queued);
+        let shared = &*self.shared;
+        let queue = Queued {
+            at: self.queued,
+            clock: self.queued_at,
+            order: self.order,
+        };
+        let timeout = self.timeout;
         let reply = match self.state? {
             Waiting::Local(call) => {
-                let reply = within(call, timeout, shared, queued).await?;
+                let reply = within(call, timeout, shared, queue).await?;
                 shared.answered();
+                shared.answered_call(queue.order);
                 reply
             }
-            Waiting::Remote(id, wrx) => match within(wrx, timeout, shared, queued).await {
+            Waiting::Remote(id, wrx) => match within(wrx, timeout, shared, queue).await {
                 Ok(Ok(result)) => result?,
                 Ok(Err(_)) => return Err(shared.closed_error()),
                 Err(e) => {
@@ -539,12 +590,24 @@ fn stalled_since(since: std::time::Instant) -> bool {
     })
 }
 
-/// `fut`, a request to the replica of `shared` queued at `queued`, for
+/// When a call was started: an instant, the same as a [`clock`] reading,
+/// and its place in the order of its client's calls.
+#[derive(Clone, Copy)]
+struct Queued {
+    at: std::time::Instant,
+    clock: u64,
+    order: u64,
+}
+
+/// `fut`, a request to the replica of `shared` started at `queued`, for
 /// as long as the replica seems alive: until it has answered nothing for
 /// `timeout` (at least `timeout` from now) and is not receiving a large
 /// request either (its node acknowledging our bytes), or has kept the
 /// request waiting [`SLOW_REPLICA_TIMEOUTS`] timeouts while answering
-/// others (unless it is the volume's only healthy replica). A deadline
+/// others. Those timeouts count from when the request was queued if
+/// another healthy replica answered since (this one is too slow for the
+/// volume), and otherwise only from when this replica first answered a
+/// request started after it (this one is stuck at the replica). A deadline
 /// that passes while this process was stalled gives the replica a whole
 /// new start, counted from now: otherwise a laptop waking from suspend,
 /// or a VM resumed, would drop every replica (their answers unread) and
@@ -553,21 +616,25 @@ async fn within<F: std::future::Future + Unpin>(
     mut fut: F,
     timeout: Duration,
     shared: &Shared,
-    queued: std::time::Instant,
+    queued: Queued,
 ) -> Result<F::Output, ClientError> {
     watch_stalls();
     let limit = timeout * SLOW_REPLICA_TIMEOUTS;
     // When the wait began, moved past any stall of this process.
-    let mut since = queued;
+    let mut since = queued.at;
+    // When the replica was first seen past this request.
+    let mut passed: Option<std::time::Instant> = None;
     let mut wait = timeout;
     loop {
         let started = std::time::Instant::now();
         if let Ok(out) = tokio::time::timeout(wait, &mut fut).await {
             return Ok(out);
         }
+        let now = std::time::Instant::now();
         if stalled_since(started) {
             debug!("a deadline passed while this process was stalled; waiting again");
-            since = std::time::Instant::now();
+            since = now;
+            passed = passed.and(Some(now));
             wait = timeout;
             continue;
         }
@@ -582,16 +649,25 @@ async fn within<F: std::future::Future + Unpin>(
             let addr = shared.addr.clone();
             return Err(ClientError::Timeout { addr, timeout });
         };
-        if shared.sole.load(Ordering::Relaxed) {
+        if passed.is_none() && shared.answered_order.load(Ordering::Relaxed) > queued.order {
+            passed = Some(now);
+        }
+        let counting_from = if shared.others_serving_since(queued.clock) {
+            since
+        } else if let Some(passed) = passed {
+            passed.max(since)
+        } else {
+            // Alone, and working through what came before this request.
             wait = next;
             continue;
-        }
-        let waited = since.elapsed();
-        if waited >= limit {
+        };
+        let counted = now.saturating_duration_since(counting_from);
+        if counted >= limit {
             let addr = shared.addr.clone();
+            let waited = now.saturating_duration_since(since);
             return Err(ClientError::TooSlow { addr, waited });
         }
-        wait = next.min(limit - waited);
+        wait = next.min(limit - counted);
     }
 }
 
@@ -620,7 +696,8 @@ async fn read_replies(mut reader: FrameReader<BoxRead>, shared: Arc<Shared>) {
         };
         let waiter = shared.pending.lock().unwrap().remove(&frame.id);
         match waiter {
-            Some(w) => {
+            Some((w, order)) => {
+                shared.answered_call(order);
                 let _ = w.send(Ok(reply));
             }
             // A reply to a request that timed out: nobody waits any more.
@@ -832,14 +909,37 @@ mod tests {
         }
     }
 
+    /// With `serving`, gives `client` a healthy peer replica that answers
+    /// something every 50 ms from now until `until` has passed; without,
+    /// the client's replica is its volume's only healthy one.
+    fn peer_serving(client: &ReplicaClient, serving: bool, until: Duration) {
+        if !serving {
+            return;
+        }
+        let peer = Arc::new(Shared::new("peer", false));
+        client
+            .shared
+            .peers
+            .lock()
+            .unwrap()
+            .push(Arc::downgrade(&peer));
+        let started = std::time::Instant::now();
+        tokio::spawn(async move {
+            while started.elapsed() < until {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                peer.answered();
+            }
+        });
+    }
+
     /// Starts a read the fake never answers while another task pings it
     /// every 50 ms for `pinging` (answered at once); returns how the read
-    /// ended and after how long. `sole`: the client is told the replica is
-    /// its volume's only healthy one.
+    /// ended and after how long. `serving`: another healthy replica serves
+    /// the volume meanwhile ([`peer_serving`]).
     async fn held_read_while_pinging(
         timeout: Duration,
         pinging: Duration,
-        sole: bool,
+        serving: bool,
     ) -> (Result<Reply, ClientError>, Duration) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
@@ -847,7 +947,7 @@ mod tests {
         let client = ReplicaClient::connect(&addr, "test", "v", Generation(1), timeout)
             .await
             .unwrap();
-        client.set_sole(sole);
+        peer_serving(&client, serving, LIMIT);
         let client = Arc::new(client);
         let started = std::time::Instant::now();
         let read = client.start(Request::Read {
@@ -992,7 +1092,7 @@ mod tests {
     #[tokio::test]
     async fn a_replica_answering_others_is_waited_for_until_it_falls_silent() {
         let pinging = Duration::from_millis(600);
-        let (result, took) = held_read_while_pinging(T, pinging, false).await;
+        let (result, took) = held_read_while_pinging(T, pinging, true).await;
         assert!(
             matches!(result, Err(ClientError::Timeout { .. })),
             "{result:?}"
@@ -1008,7 +1108,7 @@ mod tests {
     /// at most SLOW_REPLICA_TIMEOUTS IO timeouts, then fails as too slow.
     #[tokio::test]
     async fn a_request_waits_at_most_three_timeouts_for_a_slow_replica() {
-        let (result, took) = held_read_while_pinging(T, 6 * T, false).await;
+        let (result, took) = held_read_while_pinging(T, 6 * T, true).await;
         assert!(
             matches!(result, Err(ClientError::TooSlow { .. })),
             "{result:?}"
@@ -1017,20 +1117,94 @@ mod tests {
         assert!(took >= limit && took < limit + T, "gave up after {took:?}");
     }
 
-    /// The volume's only healthy replica is not dropped as too slow: a
-    /// request waits for it as long as it answers others (here six
-    /// timeouts), and is given up only once it falls silent.
+    /// A replica left alone (no other healthy replica serving) that answers
+    /// requests started after this one, and not this one, has this one
+    /// stuck: it is given up three timeouts after the replica was first
+    /// seen past it (at the first look, one timeout in), not kept forever.
     #[tokio::test]
-    async fn the_only_healthy_replica_is_waited_for_while_it_answers() {
-        let pinging = 6 * T;
-        let (result, took) = held_read_while_pinging(T, pinging, true).await;
+    async fn alone_a_request_the_replica_has_passed_waits_three_timeouts_more() {
+        let (result, took) = held_read_while_pinging(T, 8 * T, false).await;
         assert!(
-            matches!(result, Err(ClientError::Timeout { .. })),
+            matches!(result, Err(ClientError::TooSlow { .. })),
             "{result:?}"
         );
+        let limit = T * (SLOW_REPLICA_TIMEOUTS + 1);
+        assert!(took >= limit && took < limit + T, "gave up after {took:?}");
+    }
+
+    /// A fake replica that welcomes one client, then answers its requests
+    /// one at a time, in the order they came, `gap` apart: a replica behind
+    /// a slow link, where each request waits for all those before it.
+    async fn in_order_replica(listener: TcpListener, gap: Duration) {
+        let (stream, _) = listener.accept().await.unwrap();
+        let (rd, wr) = stream.into_split();
+        let mut reader = FrameReader::new(rd);
+        let mut writer = FrameWriter::new(wr);
+        let hello = reader.read_frame().await.unwrap().expect("no hello");
+        let welcome = Reply::Welcome(Welcome {
+            version: PROTOCOL_VERSION,
+            server: "fake replica".into(),
+            volume: None,
+        });
+        writer.write_frame(&welcome.encode(hello.id)).await.unwrap();
+        while let Ok(Some(frame)) = reader.read_frame().await {
+            tokio::time::sleep(gap).await;
+            let reply = match Request::decode(&frame) {
+                Ok(Request::Read { len, .. }) => Reply::Data(Bytes::from(vec![0; len as usize])),
+                _ => Reply::Pong,
+            };
+            if writer.write_frame(&reply.encode(frame.id)).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Starts 15 pings, then a read, to an [`in_order_replica`] answering
+    /// one every half timeout: the read's answer comes after 8 timeouts,
+    /// with the replica answering all along. How it ended, and when.
+    async fn read_behind_a_backlog(serving: bool) -> (Result<Reply, ClientError>, Duration) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let fake = tokio::spawn(in_order_replica(listener, T / 2));
+        let client = ReplicaClient::connect(&addr, "test", "v", Generation(1), T)
+            .await
+            .unwrap();
+        peer_serving(&client, serving, LIMIT);
+        let started = std::time::Instant::now();
+        let backlog: Vec<PendingCall> = (0..15).map(|_| client.start(Request::Ping)).collect();
+        let read = client.start(Request::Read {
+            offset: 0,
+            len: 512,
+        });
+        let result = read.wait().await;
+        let took = started.elapsed();
+        drop(backlog);
+        drop(client);
+        fake.abort();
+        (result, took)
+    }
+
+    /// The volume's only healthy replica, behind a link that makes every
+    /// request wait for all those before it, is waited for however long
+    /// that takes while it answers: dropping it would only turn slow IO
+    /// into failed IO.
+    #[tokio::test]
+    async fn alone_a_replica_working_through_a_backlog_is_waited_for() {
+        let (result, took) = read_behind_a_backlog(false).await;
+        assert!(matches!(result, Ok(Reply::Data(_))), "{result:?}");
+        assert!(took >= 7 * T, "answered after {took:?}: no backlog");
+    }
+
+    /// The same replica while another healthy replica serves the volume is
+    /// too slow for it: given up three timeouts after the request.
+    #[tokio::test]
+    async fn a_replica_working_through_a_backlog_is_too_slow_beside_a_serving_one() {
+        let (result, took) = read_behind_a_backlog(true).await;
         assert!(
-            took >= pinging + T - Duration::from_millis(50),
-            "gave up after {took:?}, while the replica answered until {pinging:?}"
+            matches!(result, Err(ClientError::TooSlow { .. })),
+            "{result:?}"
         );
+        let limit = T * SLOW_REPLICA_TIMEOUTS;
+        assert!(took >= limit && took < limit + T, "gave up after {took:?}");
     }
 }

@@ -3,8 +3,8 @@
 //! healthy one has acknowledged it; reads come from one healthy replica.
 //!
 //! A replica that errors, disconnects, or answers nothing for the IO timeout
-//! (or keeps one request waiting three timeouts while another replica is
-//! healthy, see [`crate::replica_client`]) is marked out at once, and the new membership
+//! (or keeps one request waiting three timeouts while another replica
+//! serves, see [`crate::replica_client`]) is marked out at once, and the new membership
 //! (who is healthy) is made durable on the remaining replicas before the
 //! write that found the failure is acknowledged — so after any crash, the
 //! replicas themselves say which of them hold every acknowledged write. Out
@@ -81,6 +81,8 @@ pub struct Volume {
     /// Set once the engine is stopping: the recovery loop ends, so no
     /// rebuild starts while the last flush and clean run.
     stopping: AtomicBool,
+    /// Held while [`Volume::note_peers`] runs.
+    noting_peers: std::sync::Mutex<()>,
 }
 
 /// What recovery did, for logs, status and tests.
@@ -125,6 +127,7 @@ impl Volume {
             stats: RecoveryStats::default(),
             starting: AtomicBool::new(true),
             stopping: AtomicBool::new(false),
+            noting_peers: std::sync::Mutex::new(()),
         }
     }
 
@@ -211,20 +214,30 @@ impl Volume {
     /// again before the next write is acknowledged.
     pub(crate) fn bump_version(&self) {
         self.version.fetch_add(1, Ordering::AcqRel);
-        self.note_sole_replica();
+        self.note_peers();
     }
 
-    /// Tells every replica's client whether it is now the volume's only
-    /// healthy replica, which requests wait for however slow it is
-    /// ([`ReplicaClient::set_sole`]). Called whenever a replica's state or
-    /// client changes.
-    pub(crate) fn note_sole_replica(&self) {
+    /// Tells every replica's client which other replicas are healthy now:
+    /// a request gives up a replica as too slow only while another serves
+    /// the volume ([`ReplicaClient::set_peers`]). Called whenever a
+    /// replica's state or client changes, one caller at a time, so the last
+    /// change is the one every client ends up with.
+    pub(crate) fn note_peers(&self) {
+        let _in_turn = self.noting_peers.lock().unwrap();
         let slots = self.slots.load();
-        let healthy = |s: &Slot| s.state() == MemberState::Healthy;
-        let sole = slots.iter().filter(|s| healthy(s)).count() == 1;
+        let healthy: Vec<(&Arc<Slot>, Arc<ReplicaClient>)> = slots
+            .iter()
+            .filter(|s| s.state() == MemberState::Healthy)
+            .filter_map(|s| s.client().map(|c| (s, c)))
+            .collect();
         for s in slots.iter() {
             if let Some(c) = s.client() {
-                c.set_sole(sole && healthy(s));
+                let peers: Vec<&ReplicaClient> = healthy
+                    .iter()
+                    .filter(|(h, _)| !Arc::ptr_eq(h, s))
+                    .map(|(_, c)| &**c)
+                    .collect();
+                c.set_peers(&peers);
             }
         }
     }
@@ -458,8 +471,8 @@ impl Volume {
             }
         }
         // A replica that fails is marked out at once, not when the others
-        // answer: one left alone, however slow, is then waited for as the
-        // volume's only healthy replica, not dropped too.
+        // answer: the ones left know at once that it no longer serves the
+        // volume (see `note_peers`).
         let results = join_all(calls.into_iter().map(|(s, call)| async move {
             let r = call.done().await;
             if let Err(e) = &r {
