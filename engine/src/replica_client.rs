@@ -885,9 +885,13 @@ mod tests {
         .expect("the concurrent calls hung");
     }
 
-    /// A fake replica that welcomes one client, then answers its pings at
-    /// once and holds every other request unanswered, until it hangs up.
-    async fn ping_only_replica(listener: TcpListener) {
+    /// A fake replica's start: accepts one client and answers its hello.
+    async fn welcome_one_client(
+        listener: TcpListener,
+    ) -> (
+        FrameReader<tokio::net::tcp::OwnedReadHalf>,
+        FrameWriter<tokio::net::tcp::OwnedWriteHalf>,
+    ) {
         let (stream, _) = listener.accept().await.unwrap();
         let (rd, wr) = stream.into_split();
         let mut reader = FrameReader::new(rd);
@@ -899,6 +903,13 @@ mod tests {
             volume: None,
         });
         writer.write_frame(&welcome.encode(hello.id)).await.unwrap();
+        (reader, writer)
+    }
+
+    /// A fake replica that welcomes one client, then answers its pings at
+    /// once and holds every other request unanswered, until it hangs up.
+    async fn ping_only_replica(listener: TcpListener) {
+        let (mut reader, mut writer) = welcome_one_client(listener).await;
         while let Ok(Some(frame)) = reader.read_frame().await {
             if let Ok(Request::Ping) = Request::decode(&frame) {
                 writer
@@ -1136,17 +1147,7 @@ mod tests {
     /// one at a time, in the order they came, `gap` apart: a replica behind
     /// a slow link, where each request waits for all those before it.
     async fn in_order_replica(listener: TcpListener, gap: Duration) {
-        let (stream, _) = listener.accept().await.unwrap();
-        let (rd, wr) = stream.into_split();
-        let mut reader = FrameReader::new(rd);
-        let mut writer = FrameWriter::new(wr);
-        let hello = reader.read_frame().await.unwrap().expect("no hello");
-        let welcome = Reply::Welcome(Welcome {
-            version: PROTOCOL_VERSION,
-            server: "fake replica".into(),
-            volume: None,
-        });
-        writer.write_frame(&welcome.encode(hello.id)).await.unwrap();
+        let (mut reader, mut writer) = welcome_one_client(listener).await;
         while let Ok(Some(frame)) = reader.read_frame().await {
             tokio::time::sleep(gap).await;
             let reply = match Request::decode(&frame) {
