@@ -372,9 +372,7 @@ impl ReplicaClient {
                     state: Ok(Waiting::Local(session.start(request))),
                     shared: self.shared.clone(),
                     timeout: self.timeout,
-                    queued: std::time::Instant::now(),
-                    queued_at: clock(),
-                    order,
+                    queued: Queued::now(order),
                 }
             }
             Link::Remote { tx, next_id, .. } => (tx, next_id),
@@ -392,9 +390,7 @@ impl ReplicaClient {
             state: Ok(Waiting::Remote(id, wrx)),
             shared: self.shared.clone(),
             timeout: self.timeout,
-            queued: std::time::Instant::now(),
-            queued_at: clock(),
-            order,
+            queued: Queued::now(order),
         }
     }
 
@@ -448,11 +444,8 @@ pub struct PendingCall {
     state: Result<Waiting, ClientError>,
     shared: Arc<Shared>,
     timeout: Duration,
-    queued: std::time::Instant,
-    /// `queued` as a [`clock`] reading.
-    queued_at: u64,
-    /// Its place in the order this client's calls were started.
-    order: u64,
+    /// When it was started, and its place among its client's calls.
+    queued: Queued,
 }
 
 enum Waiting {
@@ -468,9 +461,7 @@ impl PendingCall {
             state: Err(e),
             shared: Arc::new(Shared::new("", true)),
             timeout: Duration::ZERO,
-            queued: std::time::Instant::now(),
-            queued_at: clock(),
-            order: 0,
+            queued: Queued::now(0),
         }
     }
 
@@ -494,11 +485,7 @@ impl PendingCall {
     /// [`ClientError::Remote`].
     pub async fn wait(self) -> Result<Reply, ClientError> {
         let shared = &*self.shared;
-        let queue = Queued {
-            at: self.queued,
-            clock: self.queued_at,
-            order: self.order,
-        };
+        let queue = self.queued;
         let timeout = self.timeout;
         let reply = match self.state? {
             Waiting::Local(call) => {
@@ -597,6 +584,16 @@ struct Queued {
     at: std::time::Instant,
     clock: u64,
     order: u64,
+}
+
+impl Queued {
+    fn now(order: u64) -> Queued {
+        Queued {
+            at: std::time::Instant::now(),
+            clock: clock(),
+            order,
+        }
+    }
 }
 
 /// `fut`, a request to the replica of `shared` started at `queued`, for
