@@ -123,9 +123,13 @@ struct Shared {
 
 /// Nanoseconds since this process first asked: an instant an atomic holds.
 fn clock() -> u64 {
+    clock_at(std::time::Instant::now())
+}
+
+/// `at` as a [`clock`] reading (0 if before the first).
+fn clock_at(at: std::time::Instant) -> u64 {
     static BASE: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    BASE.get_or_init(std::time::Instant::now)
-        .elapsed()
+    at.saturating_duration_since(*BASE.get_or_init(std::time::Instant::now))
         .as_nanos() as u64
 }
 
@@ -577,12 +581,11 @@ fn stalled_since(since: std::time::Instant) -> bool {
     })
 }
 
-/// When a call was started: an instant, the same as a [`clock`] reading,
-/// and its place in the order of its client's calls.
+/// When a call was started, and its place in the order of its client's
+/// calls.
 #[derive(Clone, Copy)]
 struct Queued {
     at: std::time::Instant,
-    clock: u64,
     order: u64,
 }
 
@@ -590,7 +593,6 @@ impl Queued {
     fn now(order: u64) -> Queued {
         Queued {
             at: std::time::Instant::now(),
-            clock: clock(),
             order,
         }
     }
@@ -649,7 +651,7 @@ async fn within<F: std::future::Future + Unpin>(
         if passed.is_none() && shared.answered_order.load(Ordering::Relaxed) > queued.order {
             passed = Some(now);
         }
-        let counting_from = if shared.others_serving_since(queued.clock) {
+        let counting_from = if shared.others_serving_since(clock_at(queued.at)) {
             since
         } else if let Some(passed) = passed {
             passed.max(since)
@@ -981,6 +983,20 @@ mod tests {
 
     const T: Duration = Duration::from_millis(400);
 
+    /// `result` gave the replica up as too slow, between `limit` and a
+    /// timeout after it.
+    fn assert_too_slow_after<R: std::fmt::Debug>(
+        result: &Result<R, ClientError>,
+        took: Duration,
+        limit: Duration,
+    ) {
+        assert!(
+            matches!(result, Err(ClientError::TooSlow { .. })),
+            "{result:?}"
+        );
+        assert!(took >= limit && took < limit + T, "gave up after {took:?}");
+    }
+
     /// A fake replica with a small receive buffer that welcomes one client,
     /// then reads its first request 64 KiB at a time with `pause` between
     /// reads, stopping for good after `stop_after` bytes if given, and
@@ -1117,12 +1133,7 @@ mod tests {
     #[tokio::test]
     async fn a_request_waits_at_most_three_timeouts_for_a_slow_replica() {
         let (result, took) = held_read_while_pinging(T, 6 * T, true).await;
-        assert!(
-            matches!(result, Err(ClientError::TooSlow { .. })),
-            "{result:?}"
-        );
-        let limit = T * SLOW_REPLICA_TIMEOUTS;
-        assert!(took >= limit && took < limit + T, "gave up after {took:?}");
+        assert_too_slow_after(&result, took, T * SLOW_REPLICA_TIMEOUTS);
     }
 
     /// A replica left alone (no other healthy replica serving) that answers
@@ -1132,12 +1143,7 @@ mod tests {
     #[tokio::test]
     async fn alone_a_request_the_replica_has_passed_waits_three_timeouts_more() {
         let (result, took) = held_read_while_pinging(T, 8 * T, false).await;
-        assert!(
-            matches!(result, Err(ClientError::TooSlow { .. })),
-            "{result:?}"
-        );
-        let limit = T * (SLOW_REPLICA_TIMEOUTS + 1);
-        assert!(took >= limit && took < limit + T, "gave up after {took:?}");
+        assert_too_slow_after(&result, took, T * (SLOW_REPLICA_TIMEOUTS + 1));
     }
 
     /// A fake replica that welcomes one client, then answers its requests
@@ -1198,11 +1204,6 @@ mod tests {
     #[tokio::test]
     async fn a_replica_working_through_a_backlog_is_too_slow_beside_a_serving_one() {
         let (result, took) = read_behind_a_backlog(true).await;
-        assert!(
-            matches!(result, Err(ClientError::TooSlow { .. })),
-            "{result:?}"
-        );
-        let limit = T * SLOW_REPLICA_TIMEOUTS;
-        assert!(took >= limit && took < limit + T, "gave up after {took:?}");
+        assert_too_slow_after(&result, took, T * SLOW_REPLICA_TIMEOUTS);
     }
 }
