@@ -117,9 +117,13 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
 
     /// Writes every frame, in order, using as few syscalls as the socket
     /// allows (one `writev` per batch when the socket has room).
-    pub async fn write_frames(&mut self, frames: &[EncodedFrame]) -> std::io::Result<()> {
+    pub async fn write_frames<'f>(
+        &mut self,
+        frames: impl IntoIterator<Item = &'f EncodedFrame>,
+    ) -> std::io::Result<()> {
         let inner = &mut self.inner;
-        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(frames.len() * 2);
+        let frames = frames.into_iter();
+        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(frames.size_hint().0 * 2);
         for f in frames {
             slices.push(IoSlice::new(&f.head));
             if let Some(p) = &f.payload {

@@ -14,6 +14,7 @@ pub mod aligned;
 pub mod codec;
 pub mod error;
 pub mod frame;
+pub mod inflight;
 pub mod local;
 pub mod membership;
 pub mod message;

@@ -7,10 +7,13 @@
 //! for a request it could not fully decode and verify.
 
 use std::future::Future;
+
+use futures::future::{self, Either, FutureExt};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use shorthorn_proto::inflight;
 use shorthorn_proto::{
     EncodedFrame, ErrorCode, FrameReader, FrameWriter, Generation, Hello, LocalCall, LocalFuture,
     LocalService, LocalSession, Opened, ProtoError, RawFrame, RemoteError, Reply, Request,
@@ -284,8 +287,12 @@ impl Server {
             .await?;
         let conn = self.conn(session);
 
-        let (tx, rx) = mpsc::channel::<EncodedFrame>(config.max_in_flight * 2);
+        let (tx, rx) = mpsc::unbounded_channel::<Answer>();
         let write_task = tokio::spawn(write_replies(writer, rx));
+        // The requests run side by side in one task, not a task each (see
+        // `inflight`); each answer holds its permit until it is written.
+        let (start, started) = mpsc::unbounded_channel();
+        let run_task = tokio::spawn(inflight::run_started(started, tx.clone()));
         let in_flight = Arc::new(Semaphore::new(config.max_in_flight));
 
         let result = loop {
@@ -298,7 +305,7 @@ impl Server {
                         ProtoError::Checksum { id, .. } => *id,
                         _ => 0,
                     };
-                    let _ = tx.send(error_frame(id, &e)).await;
+                    let _ = tx.send(Answer::unbound(error_frame(id, &e)));
                     break Err(e);
                 }
             };
@@ -306,7 +313,7 @@ impl Server {
                 Ok(r) => r,
                 Err(e) => {
                     warn!(error = %e, id = frame.id, "closing connection on an undecodable request");
-                    let _ = tx.send(error_frame(frame.id, &e)).await;
+                    let _ = tx.send(Answer::unbound(error_frame(frame.id, &e)));
                     break Err(e);
                 }
             };
@@ -316,19 +323,15 @@ impl Server {
                 .acquire_owned()
                 .await
                 .expect("semaphore never closes");
-            let tx = tx.clone();
             let id = frame.id;
-            tokio::spawn(async move {
-                let reply = reply.await;
-                let _ = tx.send(reply.encode(id)).await;
-                drop(permit);
-            });
+            let _ = start.send(reply.map(move |reply| Answer {
+                frame: reply.encode(id),
+                _permit: Some(permit),
+            }));
         };
         // Let every executing request answer, then close the socket.
-        let _ = in_flight
-            .acquire_many(config.max_in_flight as u32)
-            .await
-            .map(|p| p.forget());
+        drop(start);
+        let _ = run_task.await;
         drop(tx);
         let _ = write_task.await;
         result
@@ -388,25 +391,22 @@ impl Conn {
             },
             _ => (None, None),
         };
-        let (session, store, states) = (
-            self.session.clone(),
-            self.store.clone(),
-            self.states.clone(),
-        );
-        async move {
-            if let Some(reply) = answered {
-                return reply;
-            }
-            // Every IO request's future is moved into a task (or a box) of
-            // its own: the IO path's future is kept small, and the other
-            // requests, rare and with much larger futures, wait in a box.
-            let executed = if is_io(&request) {
-                execute_data(request, ticket, &session).await
-            } else {
-                Box::pin(execute(request, ticket, &session, &store, &states)).await
-            };
-            executed.unwrap_or_else(Reply::Error)
+        if let Some(reply) = answered {
+            return Either::Left(future::ready(reply));
         }
+        // Every IO request's future is moved into its connection's running
+        // set (or a box): the IO path's future is kept small, and the other
+        // requests, rare and with much larger futures, wait in a box.
+        let session = self.session.clone();
+        let executed = if is_io(&request) {
+            Either::Left(execute_data(request, ticket, session))
+        } else {
+            let (store, states) = (self.store.clone(), self.states.clone());
+            Either::Right(Box::pin(async move {
+                execute(request, ticket, session, &store, &states).await
+            }))
+        };
+        Either::Right(executed.map(|executed| executed.unwrap_or_else(Reply::Error)))
     }
 }
 
@@ -454,13 +454,35 @@ async fn answer_and_close<W: tokio::io::AsyncWrite + Unpin>(
 }
 
 /// Sends replies as they complete, many per syscall when they pile up.
+/// A reply ready to go out, holding the connection's in-flight permit of its
+/// request (if it had one) until it is written: what bounds the memory of
+/// a connection whose peer stops reading.
+struct Answer {
+    frame: EncodedFrame,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Answer {
+    /// An answer to no request the connection took in (a frame it refused).
+    fn unbound(frame: EncodedFrame) -> Answer {
+        Answer {
+            frame,
+            _permit: None,
+        }
+    }
+
+    fn frame(&self) -> &EncodedFrame {
+        &self.frame
+    }
+}
+
 async fn write_replies<W: tokio::io::AsyncWrite + Unpin>(
     mut writer: FrameWriter<W>,
-    mut rx: mpsc::Receiver<EncodedFrame>,
+    mut rx: mpsc::UnboundedReceiver<Answer>,
 ) {
     let mut batch = Vec::with_capacity(64);
     while rx.recv_many(&mut batch, 64).await > 0 {
-        if let Err(e) = writer.write_frames(&batch).await {
+        if let Err(e) = writer.write_frames(batch.iter().map(Answer::frame)).await {
             debug!(error = %e, "reply write failed");
             return;
         }
@@ -559,10 +581,11 @@ async fn open_session(
 async fn execute(
     request: Request,
     ticket: Option<u64>,
-    session: &Session,
+    owned: Arc<Session>,
     store: &Store,
     states: &States,
 ) -> Result<Reply, RemoteError> {
+    let session = &*owned;
     match request {
         Request::Hello(_) => Err(RemoteError::new(
             ErrorCode::Invalid,
@@ -636,7 +659,7 @@ async fn execute(
             let replica = io_replica(session, true)?;
             hashes(replica, offset, len, chunk).await
         }
-        io => execute_data(io, ticket, session).await,
+        io => execute_data(io, ticket, owned.clone()).await,
     }
 }
 
@@ -658,8 +681,9 @@ fn is_io(request: &Request) -> bool {
 async fn execute_data(
     io: Request,
     ticket: Option<u64>,
-    session: &Session,
+    session: Arc<Session>,
 ) -> Result<Reply, RemoteError> {
+    let session = &*session;
     let read_only = matches!(io, Request::Read { .. });
     let replica = io_replica(session, read_only)?;
     // Held for the IO's duration: a newer session waits for it.

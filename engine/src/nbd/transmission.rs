@@ -12,17 +12,21 @@
 use std::io;
 use std::sync::Arc;
 
-use bytes::{BufMut, BytesMut};
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use futures::future::BoxFuture;
 use futures::FutureExt;
 use shorthorn_proto::aligned::{AlignedBuf, IO_ALIGN};
+use shorthorn_proto::inflight;
 use tokio::io::{AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWrite, BufReader};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
-use tracing::Instrument;
 
 use super::error::NbdError;
 use super::proto::{self, RequestHeader};
 use super::request::{self, Op};
-use super::writer::{self, Reply};
+use super::writer::{self, Permits, Reply};
 use super::NbdBackend;
 
 /// Requests one connection may have in flight.
@@ -74,23 +78,29 @@ where
     W: AsyncWrite + Unpin,
 {
     let (tx, rx) = mpsc::unbounded_channel();
+    // The requests handed to the backend run side by side in this
+    // connection's task, not a task each (see `inflight`).
+    let (start, started) = mpsc::unbounded_channel();
+    let running = inflight::run_started(started, tx.clone());
     let mut reader = RequestReader {
         reader,
         after_large: false,
         backend,
         size,
         tx,
+        start,
         requests: Arc::new(Semaphore::new(MAX_INFLIGHT_REQUESTS)),
         bytes: Arc::new(Semaphore::new(MAX_INFLIGHT_BYTES)),
         stats: Stats::default(),
     };
     let read_side = async move {
         let end = reader.run(shutdown).await;
-        // Dropping the reader drops its sender: the writer ends once the
+        // Dropping the reader drops its senders: the writer ends once the
         // requests still in flight have replied.
         (end, reader.stats)
     };
-    let ((end, stats), written) = tokio::join!(read_side, writer::write_replies(writer, rx));
+    let ((end, stats), (), written) =
+        tokio::join!(read_side, running, writer::write_replies(writer, rx));
     let end = match (end, written) {
         (Err(e), _) => Err(e),
         (Ok(_), Err(e)) => Err(e),
@@ -108,7 +118,10 @@ struct RequestReader<R> {
     after_large: bool,
     backend: Arc<dyn NbdBackend>,
     size: u64,
+    /// Replies ready now, to the writer.
     tx: mpsc::UnboundedSender<Reply>,
+    /// Requests handed to the backend, to run until their replies are ready.
+    start: mpsc::UnboundedSender<Answering>,
     requests: Arc<Semaphore>,
     bytes: Arc<Semaphore>,
     stats: Stats,
@@ -152,42 +165,32 @@ impl<R: AsyncRead + Unpin> RequestReader<R> {
             return self.handle_write(header, checked, request_permit).await;
         }
 
-        let permits = vec![request_permit];
+        let permits = Permits::request(request_permit);
         match checked {
             Err(e) => self.reply_error(header, e, permits),
             Ok(Op::Read { len: 0, .. })
             | Ok(Op::Trim { len: 0, .. })
             | Ok(Op::WriteZeroes { len: 0, .. }) => self.reply_now(header.handle, 0, permits),
             Ok(Op::Read { offset, len }) => {
-                let mut permits = permits;
-                permits.push(acquire(&self.bytes, len).await);
-                let fut = self.backend.read(offset, len);
-                let checked_read = fut.map(move |r| match r {
-                    Ok(data) if data.len() == len as usize => (Ok(()), Some(data)),
-                    Ok(data) => {
-                        tracing::error!(
-                            offset,
-                            len,
-                            got = data.len(),
-                            "backend returned a read of the wrong length"
-                        );
-                        (Err(NbdError::Io), None)
-                    }
-                    Err(e) => (Err(e), None),
-                });
-                self.complete(header.handle, checked_read, permits);
+                let permits = permits.with_bytes(acquire(&self.bytes, len).await);
+                let call = BackendCall::Read {
+                    offset,
+                    len,
+                    data: self.backend.read(offset, len),
+                };
+                self.complete(header.handle, call, permits);
             }
             Ok(Op::Flush) => {
-                let fut = self.backend.flush();
-                self.complete(header.handle, fut.map(|r| (r, None)), permits);
+                let call = BackendCall::Done(self.backend.flush());
+                self.complete(header.handle, call, permits);
             }
             Ok(Op::Trim { offset, len }) => {
-                let fut = self.backend.trim(offset, len);
-                self.complete(header.handle, fut.map(|r| (r, None)), permits);
+                let call = BackendCall::Done(self.backend.trim(offset, len));
+                self.complete(header.handle, call, permits);
             }
             Ok(Op::WriteZeroes { offset, len, fua }) => {
-                let fut = self.backend.write_zeroes(offset, len, fua);
-                self.complete(header.handle, fut.map(|r| (r, None)), permits);
+                let call = BackendCall::Done(self.backend.write_zeroes(offset, len, fua));
+                self.complete(header.handle, call, permits);
             }
             Ok(Op::Write { .. }) | Ok(Op::Disconnect) => {
                 unreachable!("handled before the command was checked")
@@ -217,12 +220,12 @@ impl<R: AsyncRead + Unpin> RequestReader<R> {
                 if skipped != u64::from(header.len) {
                     return Err(io::ErrorKind::UnexpectedEof.into());
                 }
-                self.reply_error(header, e, vec![request_permit]);
+                self.reply_error(header, e, Permits::request(request_permit));
                 return Ok(());
             }
         };
         if header.len == 0 {
-            self.reply_now(header.handle, 0, vec![request_permit]);
+            self.reply_now(header.handle, 0, Permits::request(request_permit));
             return Ok(());
         }
         let bytes_permit = acquire(&self.bytes, header.len).await;
@@ -250,50 +253,26 @@ impl<R: AsyncRead + Unpin> RequestReader<R> {
             }
             data.freeze()
         };
-        let fut = self.backend.write(offset, data, fua);
-        let permits = vec![request_permit, bytes_permit];
-        self.complete(header.handle, fut.map(|r| (r, None)), permits);
+        let call = BackendCall::Done(self.backend.write(offset, data, fua));
+        let permits = Permits::request(request_permit).with_bytes(bytes_permit);
+        self.complete(header.handle, call, permits);
         Ok(())
     }
 
-    /// Waits for the backend in a task of its own, then queues the reply.
-    /// The backend call itself was made by the reader, so the backend sees
-    /// requests in the order they arrived.
-    fn complete<F>(&mut self, handle: u64, fut: F, permits: Vec<OwnedSemaphorePermit>)
-    where
-        F: std::future::Future<Output = (Result<(), NbdError>, Option<bytes::Bytes>)>
-            + Send
-            + 'static,
-    {
-        let tx = self.tx.clone();
-        tokio::spawn(
-            async move {
-                let (result, payload) = fut.await;
-                let error = match result {
-                    Ok(()) => 0,
-                    Err(e) => {
-                        tracing::debug!(handle, error = %e, "NBD request failed in the backend");
-                        e.to_wire()
-                    }
-                };
-                // The writer is gone only when the client is; nothing to do.
-                let _ = tx.send(Reply {
-                    handle,
-                    error,
-                    payload,
-                    permits,
-                });
-            }
-            .in_current_span(),
-        );
+    /// Hands a backend call to the connection's running requests; its reply
+    /// is queued when it finishes. The call itself was made by the reader,
+    /// so the backend sees requests in the order they arrived.
+    fn complete(&mut self, handle: u64, call: BackendCall, permits: Permits) {
+        // The runner outlives the reader; it is gone only if the connection's
+        // task was aborted, when nobody waits for the reply.
+        let _ = self.start.send(Answering {
+            handle,
+            call,
+            permits: Some(permits),
+        });
     }
 
-    fn reply_error(
-        &mut self,
-        header: RequestHeader,
-        e: NbdError,
-        permits: Vec<OwnedSemaphorePermit>,
-    ) {
+    fn reply_error(&mut self, header: RequestHeader, e: NbdError, permits: Permits) {
         self.stats.errors += 1;
         tracing::debug!(
             command = header.command,
@@ -306,13 +285,70 @@ impl<R: AsyncRead + Unpin> RequestReader<R> {
         self.reply_now(header.handle, e.to_wire(), permits);
     }
 
-    fn reply_now(&mut self, handle: u64, error: u32, permits: Vec<OwnedSemaphorePermit>) {
+    fn reply_now(&mut self, handle: u64, error: u32, permits: Permits) {
         let _ = self.tx.send(Reply {
             handle,
             error,
             payload: None,
             permits,
         });
+    }
+}
+
+/// What the backend was asked for one request.
+enum BackendCall {
+    /// A request answered by success or an error alone.
+    Done(BoxFuture<'static, Result<(), NbdError>>),
+    /// A read, whose data must be as long as asked.
+    Read {
+        offset: u64,
+        len: u32,
+        data: BoxFuture<'static, Result<Bytes, NbdError>>,
+    },
+}
+
+/// A request the backend works on, until its reply is ready.
+struct Answering {
+    handle: u64,
+    call: BackendCall,
+    /// Taken by the reply.
+    permits: Option<Permits>,
+}
+
+impl std::future::Future for Answering {
+    type Output = Reply;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Reply> {
+        let this = self.get_mut();
+        let (result, payload) = match &mut this.call {
+            BackendCall::Done(done) => (ready!(done.poll_unpin(cx)), None),
+            BackendCall::Read { offset, len, data } => match ready!(data.poll_unpin(cx)) {
+                Ok(data) if data.len() == *len as usize => (Ok(()), Some(data)),
+                Ok(data) => {
+                    tracing::error!(
+                        offset,
+                        len,
+                        got = data.len(),
+                        "backend returned a read of the wrong length"
+                    );
+                    (Err(NbdError::Io), None)
+                }
+                Err(e) => (Err(e), None),
+            },
+        };
+        let error = match result {
+            Ok(()) => 0,
+            Err(e) => {
+                tracing::debug!(handle = this.handle, error = %e, "NBD request failed in the backend");
+                e.to_wire()
+            }
+        };
+        Poll::Ready(Reply {
+            handle: this.handle,
+            error,
+            payload,
+            permits: this.permits.take().expect("a request answered twice"),
+        })
     }
 }
 

@@ -35,7 +35,31 @@ pub struct Reply {
     /// The data of a successful READ.
     pub payload: Option<Bytes>,
     /// Released when the reply has been written (or dropped).
-    pub permits: Vec<OwnedSemaphorePermit>,
+    pub permits: Permits,
+}
+
+/// What a request holds of its connection's in-flight limits: a place
+/// among its requests, and for a READ or WRITE its payload's bytes.
+#[derive(Default)]
+pub struct Permits {
+    _request: Option<OwnedSemaphorePermit>,
+    _bytes: Option<OwnedSemaphorePermit>,
+}
+
+impl Permits {
+    pub fn request(permit: OwnedSemaphorePermit) -> Permits {
+        Permits {
+            _request: Some(permit),
+            _bytes: None,
+        }
+    }
+
+    pub fn with_bytes(self, permit: OwnedSemaphorePermit) -> Permits {
+        Permits {
+            _bytes: Some(permit),
+            ..self
+        }
+    }
 }
 
 /// Writes replies from `rx` until every sender is gone and the queue is empty,
@@ -70,7 +94,7 @@ struct Batch {
     chunks: VecDeque<Bytes>,
     /// Headers not yet moved into `chunks`.
     headers: BytesMut,
-    permits: Vec<OwnedSemaphorePermit>,
+    permits: Vec<Permits>,
     replies: usize,
     payload_bytes: usize,
 }
@@ -83,7 +107,7 @@ impl Batch {
             self.payload_bytes += payload.len();
             self.chunks.push_back(payload);
         }
-        self.permits.append(&mut reply.permits);
+        self.permits.push(reply.permits);
         self.replies += 1;
     }
 
@@ -220,7 +244,7 @@ mod tests {
                 handle: *handle,
                 error: *error,
                 payload: (!payload.is_empty()).then(|| Bytes::copy_from_slice(payload)),
-                permits: vec![sem.clone().try_acquire_owned().unwrap()],
+                permits: Permits::request(sem.clone().try_acquire_owned().unwrap()),
             })
             .unwrap();
         }
@@ -244,7 +268,7 @@ mod tests {
                 handle,
                 error: 0,
                 payload: Some(Bytes::from(vec![handle as u8; 4096])),
-                permits: vec![],
+                permits: Permits::default(),
             })
             .unwrap();
         }
