@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::FutureExt;
 use shorthorn_proto::{
     EncodedFrame, FrameReader, FrameWriter, Generation, Hello, LocalCall, LocalService,
     LocalSession, ProtoError, RemoteError, Reply, Request, VolumeInfo, Welcome, PROTOCOL_VERSION,
@@ -487,42 +488,52 @@ impl PendingCall {
     /// over; a replica that falls silent is still given up one timeout
     /// after its last answer. A replica's error answer comes back as
     /// [`ClientError::Remote`].
-    pub async fn wait(self) -> Result<Reply, ClientError> {
-        let shared = &*self.shared;
-        let queue = self.queued;
-        let timeout = self.timeout;
-        let reply = match self.state? {
-            Waiting::Local(call) => {
-                let reply = within(call, timeout, shared, queue).await?;
-                shared.answered();
-                shared.answered_call(queue.order);
-                reply
-            }
-            Waiting::Remote(id, wrx) => match within(wrx, timeout, shared, queue).await {
-                Ok(Ok(result)) => result?,
-                Ok(Err(_)) => return Err(shared.closed_error()),
-                Err(e) => {
-                    shared.pending.lock().unwrap().remove(&id);
-                    return Err(e);
+    ///
+    /// Not an async fn, whose arguments its future would hold twice: every
+    /// write waits through this.
+    pub fn wait(self) -> impl std::future::Future<Output = Result<Reply, ClientError>> + Send {
+        let PendingCall {
+            state,
+            shared,
+            timeout,
+            queued,
+        } = self;
+        async move {
+            let reply = match state? {
+                Waiting::Local(call) => {
+                    let reply = within(call, timeout, &shared, queued).await?;
+                    shared.answered();
+                    shared.answered_call(queued.order);
+                    reply
                 }
-            },
-        };
-        match reply {
-            Reply::Error(error) => Err(ClientError::Remote {
-                addr: self.shared.addr.clone(),
-                error,
-            }),
-            reply => Ok(reply),
+                Waiting::Remote(id, wrx) => match within(wrx, timeout, &shared, queued).await {
+                    Ok(Ok(result)) => result?,
+                    Ok(Err(_)) => return Err(shared.closed_error()),
+                    Err(e) => {
+                        shared.pending.lock().unwrap().remove(&id);
+                        return Err(e);
+                    }
+                },
+            };
+            match reply {
+                Reply::Error(error) => Err(ClientError::Remote {
+                    addr: shared.addr.clone(),
+                    error,
+                }),
+                reply => Ok(reply),
+            }
         }
     }
 
     /// Like [`wait`](Self::wait), expecting [`Reply::Done`].
-    pub async fn done(self) -> Result<(), ClientError> {
+    /// Not an async fn: every write waits through this, and mapping the
+    /// wait keeps its future no larger than the wait's own.
+    pub fn done(self) -> impl std::future::Future<Output = Result<(), ClientError>> + Send {
         let shared = self.shared.clone();
-        match self.wait().await? {
+        self.wait().map(move |reply| match reply? {
             Reply::Done => Ok(()),
             other => Err(unexpected(&shared.addr, &other)),
-        }
+        })
     }
 }
 
@@ -611,62 +622,67 @@ impl Queued {
 /// new start, counted from now: otherwise a laptop waking from suspend,
 /// or a VM resumed, would drop every replica (their answers unread) and
 /// fail the IO in flight with EIO.
-async fn within<F: std::future::Future + Unpin>(
+#[allow(clippy::manual_async_fn)] // see the comment in its body
+fn within<'a, F: std::future::Future + Unpin + 'a>(
     mut fut: F,
     timeout: Duration,
-    shared: &Shared,
+    shared: &'a Shared,
     queued: Queued,
-) -> Result<F::Output, ClientError> {
-    watch_stalls();
-    let limit = timeout * SLOW_REPLICA_TIMEOUTS;
-    // When the wait began, moved past any stall of this process.
-    let mut since = queued.at;
-    // When the replica was first seen past this request.
-    let mut passed: Option<std::time::Instant> = None;
-    let mut wait = timeout;
-    loop {
-        let started = std::time::Instant::now();
-        if let Ok(out) = tokio::time::timeout(wait, &mut fut).await {
-            return Ok(out);
+) -> impl std::future::Future<Output = Result<F::Output, ClientError>> + 'a {
+    // An async block, not an async fn, so its future holds the arguments
+    // once: every call waits through this.
+    async move {
+        watch_stalls();
+        let limit = timeout * SLOW_REPLICA_TIMEOUTS;
+        // When the wait began, moved past any stall of this process.
+        let mut since = queued.at;
+        // When the replica was first seen past this request.
+        let mut passed: Option<std::time::Instant> = None;
+        let mut wait = timeout;
+        loop {
+            let started = std::time::Instant::now();
+            if let Ok(out) = tokio::time::timeout(wait, &mut fut).await {
+                return Ok(out);
+            }
+            let now = std::time::Instant::now();
+            if stalled_since(started) {
+                debug!("a deadline passed while this process was stalled; waiting again");
+                since = now;
+                passed = passed.and(Some(now));
+                wait = timeout;
+                continue;
+            }
+            let quiet = shared.quiet_for();
+            // Silent, unless it is still receiving a large request: then it is
+            // looked at again in half a timeout.
+            let next = if quiet < timeout {
+                timeout - quiet
+            } else if shared.receiving(timeout) {
+                timeout / 2
+            } else {
+                let addr = shared.addr.clone();
+                return Err(ClientError::Timeout { addr, timeout });
+            };
+            if passed.is_none() && shared.answered_order.load(Ordering::Relaxed) > queued.order {
+                passed = Some(now);
+            }
+            let counting_from = if shared.others_serving_since(clock_at(queued.at)) {
+                since
+            } else if let Some(passed) = passed {
+                passed.max(since)
+            } else {
+                // Alone, and working through what came before this request.
+                wait = next;
+                continue;
+            };
+            let counted = now.saturating_duration_since(counting_from);
+            if counted >= limit {
+                let addr = shared.addr.clone();
+                let waited = now.saturating_duration_since(since);
+                return Err(ClientError::TooSlow { addr, waited });
+            }
+            wait = next.min(limit - counted);
         }
-        let now = std::time::Instant::now();
-        if stalled_since(started) {
-            debug!("a deadline passed while this process was stalled; waiting again");
-            since = now;
-            passed = passed.and(Some(now));
-            wait = timeout;
-            continue;
-        }
-        let quiet = shared.quiet_for();
-        // Silent, unless it is still receiving a large request: then it is
-        // looked at again in half a timeout.
-        let next = if quiet < timeout {
-            timeout - quiet
-        } else if shared.receiving(timeout) {
-            timeout / 2
-        } else {
-            let addr = shared.addr.clone();
-            return Err(ClientError::Timeout { addr, timeout });
-        };
-        if passed.is_none() && shared.answered_order.load(Ordering::Relaxed) > queued.order {
-            passed = Some(now);
-        }
-        let counting_from = if shared.others_serving_since(clock_at(queued.at)) {
-            since
-        } else if let Some(passed) = passed {
-            passed.max(since)
-        } else {
-            // Alone, and working through what came before this request.
-            wait = next;
-            continue;
-        };
-        let counted = now.saturating_duration_since(counting_from);
-        if counted >= limit {
-            let addr = shared.addr.clone();
-            let waited = now.saturating_duration_since(since);
-            return Err(ClientError::TooSlow { addr, waited });
-        }
-        wait = next.min(limit - counted);
     }
 }
 

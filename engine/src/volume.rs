@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
-use futures::future::join_all;
+use futures::future::{join_all, FutureExt};
 use shorthorn_proto::{
     ErrorCode, Generation, MemberState, Membership, Reply, Request, VolumeName, MAX_IO_LEN,
 };
@@ -473,12 +473,13 @@ impl Volume {
         // A replica that fails is marked out at once, not when the others
         // answer: the ones left know at once that it no longer serves the
         // volume (see `note_peers`).
-        let results = join_all(calls.into_iter().map(|(s, call)| async move {
-            let r = call.done().await;
-            if let Err(e) = &r {
-                self.fail(&s, e);
-            }
-            (s, r)
+        let results = join_all(calls.into_iter().map(|(s, call)| {
+            call.done().map(move |r| {
+                if let Err(e) = &r {
+                    self.fail(&s, e);
+                }
+                (s, r)
+            })
         }))
         .await;
         let healthy_acks = results
