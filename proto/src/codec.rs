@@ -189,6 +189,49 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn small_writes_in_flight_leave_the_receive_buffer_free() {
+        // 8 MiB of 4 KiB writes, the last 64 decoded ones kept as if still
+        // being written (a queue depth of 64): their payloads must not hold
+        // on to the receive buffer, which is then reused in place whenever
+        // it fills. Bodies landing outside one buffer's span mean it was
+        // replaced by a new allocation.
+        const WRITES: u64 = 2048;
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let writer = tokio::spawn(async move {
+            let mut w = FrameWriter::new(a);
+            for i in 0..WRITES {
+                let (frame, _) = write_frame(i, 4096);
+                w.write_frame(&frame).await.unwrap();
+            }
+            w.shutdown().await.unwrap();
+        });
+        let mut r = FrameReader::new(b);
+        let mut in_flight = std::collections::VecDeque::new();
+        let (mut lowest, mut highest) = (usize::MAX, 0);
+        for i in 0..WRITES {
+            let raw = r.read_frame().await.unwrap().unwrap();
+            assert_eq!(raw.id, i);
+            let at = raw.body.as_ptr() as usize;
+            (lowest, highest) = (lowest.min(at), highest.max(at + raw.body.len()));
+            let Request::Write { data, .. } = Request::decode(&raw).unwrap() else {
+                panic!("not a write");
+            };
+            assert_eq!(data, write_frame(i, 4096).1);
+            in_flight.push_back(data);
+            if in_flight.len() > 64 {
+                in_flight.pop_front();
+            }
+        }
+        assert!(r.read_frame().await.unwrap().is_none());
+        writer.await.unwrap();
+        assert!(
+            highest - lowest <= READ_BUF,
+            "bodies spread over {} KiB: the receive buffer was replaced",
+            (highest - lowest) >> 10
+        );
+    }
+
+    #[tokio::test]
     async fn truncated_frame_is_an_error() {
         let enc = Request::Ping.encode(1).to_vec();
         let (mut a, b) = tokio::io::duplex(1024);

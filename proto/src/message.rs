@@ -9,6 +9,7 @@
 
 use bytes::{BufMut, Bytes};
 
+use crate::aligned::{self, AlignedBuf};
 use crate::error::{ErrorCode, ProtoError, RemoteError};
 use crate::frame::{put_string, EncodedFrame, FieldReader, FrameBuilder, RawFrame};
 use crate::membership::Membership;
@@ -317,7 +318,7 @@ impl Request {
                 Request::Write {
                     offset,
                     fua: flags & WRITE_FUA != 0,
-                    data: r.rest(),
+                    data: out_of_receive_buffer(r.rest()),
                 }
             }
             kind::TRIM => {
@@ -513,6 +514,19 @@ impl Reply {
     }
 }
 
+/// A write's payload, moved out of the connection's receive buffer at once
+/// into the aligned memory an O_DIRECT replica writes from (a large one was
+/// received there already). The replica then makes no copy of its own, and
+/// the receive buffer, no longer shared with the writes still running, is
+/// reused for the next frames instead of replaced (`FrameReader`).
+fn out_of_receive_buffer(payload: Bytes) -> Bytes {
+    if aligned::is_aligned(&payload) {
+        payload
+    } else {
+        AlignedBuf::copy_from(&payload).into_bytes()
+    }
+}
+
 fn empty<T>(kind: &'static str, frame: &RawFrame, value: T) -> Result<T, ProtoError> {
     FieldReader::of(kind, frame).end()?;
     Ok(value)
@@ -553,6 +567,31 @@ mod tests {
         let raw = decode_frame(&mut buf).unwrap().unwrap();
         assert_eq!(raw.id, 7);
         assert_eq!(Reply::decode(&raw).unwrap(), reply);
+    }
+
+    #[test]
+    fn a_decoded_write_owns_its_payload_in_aligned_memory() {
+        for len in [4096, 8192, 100] {
+            let data = Bytes::from((0..len).map(|i| i as u8).collect::<Vec<u8>>());
+            let enc = Request::Write {
+                offset: 0,
+                fua: false,
+                data: data.clone(),
+            }
+            .encode(1);
+            let mut buf = BytesMut::from(&enc.to_vec()[..]);
+            let raw = decode_frame(&mut buf).unwrap().unwrap();
+            let Request::Write { data: got, .. } = Request::decode(&raw).unwrap() else {
+                panic!("not a write");
+            };
+            assert_eq!(got, data);
+            let body = raw.body.as_ptr_range();
+            assert!(
+                !body.contains(&got.as_ptr()),
+                "the payload of {len} bytes still points into the frame"
+            );
+            assert_eq!(got.as_ptr() as usize % aligned::IO_ALIGN, 0);
+        }
     }
 
     fn info(name: &str) -> VolumeInfo {
