@@ -12,8 +12,9 @@
 //! A started request runs to its end whatever happens to the connection:
 //! the writer going away only means its answer is dropped, and requests
 //! left unfinished when the set itself is dropped (a connection's task
-//! aborted at shutdown) are handed to a task of their own, as a
-//! [`LocalCall`](crate::LocalCall)'s are. A write is never stopped half-done.
+//! aborted at shutdown), or still queued for it, are handed to a task of
+//! their own, as a [`LocalCall`](crate::LocalCall)'s are. A write is never
+//! stopped half-done, nor dropped unstarted once its client sent it whole.
 
 use std::future::Future;
 
@@ -82,29 +83,67 @@ where
 /// and the last has finished, sending each one's output to `answered` as it
 /// finishes. Finished requests go out before new ones start, so a full
 /// queue of new requests never holds answers back. Answers nobody takes any
-/// more (the writer failed) are dropped; the requests still run.
-pub async fn run_started<F>(
-    mut started: mpsc::UnboundedReceiver<F>,
+/// more (the writer failed) are dropped; the requests still run, and so do
+/// those still queued on `started` if the returned future is dropped before
+/// its end, even unpolled.
+pub fn run_started<F>(
+    started: mpsc::UnboundedReceiver<F>,
     answered: mpsc::UnboundedSender<F::Output>,
-) where
+) -> impl Future<Output = ()> + Send
+where
     F: Future + Send + 'static,
     F::Output: Send,
 {
-    let mut running = InFlight::new();
-    loop {
-        tokio::select! {
-            biased;
-            Some(answer) = running.next(), if !running.is_empty() => {
-                let _ = answered.send(answer);
+    let mut runner = Runner {
+        started,
+        running: InFlight::new(),
+    };
+    async move { runner.run(answered).await }
+}
+
+/// The state of [`run_started`], owned by its future from the start.
+struct Runner<F: Future + Send + 'static>
+where
+    F::Output: Send,
+{
+    started: mpsc::UnboundedReceiver<F>,
+    running: InFlight<F>,
+}
+
+impl<F: Future + Send + 'static> Runner<F>
+where
+    F::Output: Send,
+{
+    async fn run(&mut self, answered: mpsc::UnboundedSender<F::Output>) {
+        loop {
+            tokio::select! {
+                biased;
+                Some(answer) = self.running.next(), if !self.running.is_empty() => {
+                    let _ = answered.send(answer);
+                }
+                next = self.started.recv() => match next {
+                    Some(request) => self.running.push(request),
+                    None => break,
+                },
             }
-            next = started.recv() => match next {
-                Some(request) => running.push(request),
-                None => break,
-            },
+        }
+        while let Some(answer) = self.running.next().await {
+            let _ = answered.send(answer);
         }
     }
-    while let Some(answer) = running.next().await {
-        let _ = answered.send(answer);
+}
+
+impl<F: Future + Send + 'static> Drop for Runner<F>
+where
+    F::Output: Send,
+{
+    fn drop(&mut self) {
+        // Requests queued but not yet taken in join the running ones, which
+        // `InFlight` hands to a task of their own as it is dropped.
+        self.started.close();
+        while let Ok(request) = self.started.try_recv() {
+            self.running.push(request);
+        }
     }
 }
 
@@ -169,6 +208,27 @@ mod tests {
         assert_eq!(set.next().await, Some(10));
         drop(set);
         tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(finished.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn requests_queued_for_a_runner_aborted_unpolled_still_run() {
+        let finished = Arc::new(AtomicUsize::new(0));
+        let (start, started) = mpsc::unbounded_channel();
+        let (answer, _answers) = mpsc::unbounded_channel();
+        // On this single-thread runtime the runner's task is not polled
+        // before it is aborted.
+        let runner = tokio::spawn(run_started(started, answer));
+        for ms in [10, 20] {
+            start.send(request(ms, &finished)).unwrap();
+        }
+        runner.abort();
+        assert!(runner.await.unwrap_err().is_cancelled());
+        assert!(
+            start.send(request(1, &finished)).is_err(),
+            "still taking requests"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(finished.load(Ordering::SeqCst), 2);
     }
 

@@ -11,7 +11,7 @@ use bytes::{BufMut, Bytes};
 
 use crate::aligned::{self, AlignedBuf};
 use crate::error::{ErrorCode, ProtoError, RemoteError};
-use crate::frame::{put_string, EncodedFrame, FieldReader, FrameBuilder, RawFrame};
+use crate::frame::{put_string, EncodedFrame, FieldReader, FrameBuilder, RawFrame, LARGE_BODY};
 use crate::membership::Membership;
 use crate::units::Generation;
 
@@ -318,7 +318,7 @@ impl Request {
                 Request::Write {
                     offset,
                     fua: flags & WRITE_FUA != 0,
-                    data: out_of_receive_buffer(r.rest()),
+                    data: out_of_receive_buffer(r.rest(), frame),
                 }
             }
             kind::TRIM => {
@@ -516,11 +516,13 @@ impl Reply {
 
 /// A write's payload, moved out of the connection's receive buffer at once
 /// into the aligned memory an O_DIRECT replica writes from (a large one was
-/// received there already). The replica then makes no copy of its own, and
-/// the receive buffer, no longer shared with the writes still running, is
-/// reused for the next frames instead of replaced (`FrameReader`).
-fn out_of_receive_buffer(payload: Bytes) -> Bytes {
-    if aligned::is_aligned(&payload) {
+/// received there already, in memory of its own). The replica then makes no
+/// copy of its own, and the receive buffer, no longer shared with the writes
+/// still running, is reused for the next frames instead of replaced
+/// (`FrameReader`). A small payload that happens to lie aligned in the
+/// buffer is copied all the same.
+fn out_of_receive_buffer(payload: Bytes, frame: &RawFrame) -> Bytes {
+    if frame.body.len() >= LARGE_BODY && aligned::is_aligned(&payload) {
         payload
     } else {
         AlignedBuf::copy_from(&payload).into_bytes()
@@ -592,6 +594,27 @@ mod tests {
             );
             assert_eq!(got.as_ptr() as usize % aligned::IO_ALIGN, 0);
         }
+    }
+
+    #[test]
+    fn a_small_write_aligned_in_the_receive_buffer_is_copied_out_too() {
+        // The frame's fields end just where a block starts in the buffer,
+        // so the payload after them lies aligned.
+        let fields = 12; // offset and flags, all zero
+        let data: Vec<u8> = (0..aligned::IO_ALIGN).map(|i| (i % 251) as u8).collect();
+        let mut whole = vec![0; 2 * aligned::IO_ALIGN];
+        whole[aligned::IO_ALIGN..].copy_from_slice(&data);
+        let buffer = AlignedBuf::copy_from(&whole).into_bytes();
+        let body = buffer.slice(aligned::IO_ALIGN - fields..);
+        let raw = RawFrame::new(kind::WRITE, 1, body);
+        let Request::Write { data: got, .. } = Request::decode(&raw).unwrap() else {
+            panic!("not a write");
+        };
+        assert_eq!(&got[..], &data[..]);
+        assert!(
+            !raw.body.as_ptr_range().contains(&got.as_ptr()),
+            "the payload still points into the receive buffer"
+        );
     }
 
     fn info(name: &str) -> VolumeInfo {

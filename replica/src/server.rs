@@ -324,10 +324,18 @@ impl Server {
                 .await
                 .expect("semaphore never closes");
             let id = frame.id;
-            let _ = start.send(reply.map(move |reply| Answer {
+            let answer = reply.map(move |reply| Answer {
                 frame: reply.encode(id),
                 _permit: Some(permit),
-            }));
+            });
+            if start.send(answer).is_err() {
+                // The runner is gone (a request panicked): nothing would
+                // run or answer this connection's requests any more, so
+                // end it, and the engine knows at once. A mark the request
+                // left in the dirty map only costs its region a compare.
+                warn!(id, "closing connection: its requests can no longer run");
+                break Ok(());
+            }
         };
         // Let every executing request answer, then close the socket.
         drop(start);
