@@ -274,6 +274,10 @@ fn soak(placement: Placement) {
     let deadline = Instant::now() + Duration::from_secs(secs);
     let mut round = 0;
     let mut under_io_count = 0;
+    // How long fio ran (its job's runtime) in the last round no fault cut
+    // short. Faults land at a random moment within it, so that most hit
+    // while fio writes however fast this machine's disk and engine are.
+    let mut fio_ran = Duration::from_millis(900);
     while Instant::now() < deadline {
         let stripe = round % STRIPES;
         // fio takes a seed below 2^63.
@@ -285,7 +289,8 @@ fn soak(placement: Placement) {
             &cluster.uri(),
             &as_args(&job(stripe, job_seed)),
         );
-        std::thread::sleep(Duration::from_millis(rng.gen_range(100..1000)));
+        let latest = 100 + (fio_ran.as_millis() as u64).max(100);
+        std::thread::sleep(Duration::from_millis(rng.gen_range(100..latest)));
         let under_io = fio.proc.is_running();
         under_io_count += u64::from(under_io);
         eprintln!("round {round}: stripe {stripe}, {fault:?}, under IO: {under_io}");
@@ -317,6 +322,9 @@ fn soak(placement: Placement) {
             report.assert_clean();
             assert_eq!(report.io_bytes("write"), STRIPE, "round {round}");
             written[stripe as usize] = Some(job_seed);
+            if let Some(ms) = report.jobs()[0]["job_runtime"].as_u64() {
+                fio_ran = Duration::from_millis(ms);
+            }
         }
         wait_healthy_within(dir, VOLUME, 2, STEP);
         round += 1;
