@@ -526,6 +526,7 @@ impl PendingCall {
     }
 
     /// Like [`wait`](Self::wait), expecting [`Reply::Done`].
+    ///
     /// Not an async fn: every write waits through this, and mapping the
     /// wait keeps its future no larger than the wait's own.
     pub fn done(self) -> impl std::future::Future<Output = Result<(), ClientError>> + Send {

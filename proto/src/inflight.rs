@@ -21,71 +21,13 @@ use std::future::Future;
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::mpsc;
 
-/// Started requests, each run to its end.
-pub struct InFlight<F: Future + Send + 'static>
-where
-    F::Output: Send,
-{
-    running: FuturesUnordered<F>,
-}
-
-impl<F: Future + Send + 'static> InFlight<F>
-where
-    F::Output: Send,
-{
-    pub fn new() -> InFlight<F> {
-        InFlight {
-            running: FuturesUnordered::new(),
-        }
-    }
-
-    pub fn push(&mut self, request: F) {
-        self.running.push(request);
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.running.is_empty()
-    }
-
-    /// The next request to finish, with its output; `None` once none runs.
-    pub async fn next(&mut self) -> Option<F::Output> {
-        self.running.next().await
-    }
-}
-
-impl<F: Future + Send + 'static> Default for InFlight<F>
-where
-    F::Output: Send,
-{
-    fn default() -> Self {
-        InFlight::new()
-    }
-}
-
-impl<F: Future + Send + 'static> Drop for InFlight<F>
-where
-    F::Output: Send,
-{
-    fn drop(&mut self) {
-        if self.running.is_empty() {
-            return;
-        }
-        // Outside a runtime (the process is ending) there is nowhere to run
-        // them; the daemon's state goes away with the process.
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            let mut rest = std::mem::take(&mut self.running);
-            rt.spawn(async move { while rest.next().await.is_some() {} });
-        }
-    }
-}
-
 /// Runs every request that arrives on `started` until that channel closes
 /// and the last has finished, sending each one's output to `answered` as it
 /// finishes. Finished requests go out before new ones start, so a full
 /// queue of new requests never holds answers back. Answers nobody takes any
 /// more (the writer failed) are dropped; the requests still run, and so do
-/// those still queued on `started` if the returned future is dropped before
-/// its end, even unpolled.
+/// those running or still queued on `started` if the returned future is
+/// dropped before its end, even unpolled.
 pub fn run_started<F>(
     started: mpsc::UnboundedReceiver<F>,
     answered: mpsc::UnboundedSender<F::Output>,
@@ -96,7 +38,7 @@ where
 {
     let mut runner = Runner {
         started,
-        running: InFlight::new(),
+        running: FuturesUnordered::new(),
     };
     async move { runner.run(answered).await }
 }
@@ -107,7 +49,7 @@ where
     F::Output: Send,
 {
     started: mpsc::UnboundedReceiver<F>,
-    running: InFlight<F>,
+    running: FuturesUnordered<F>,
 }
 
 impl<F: Future + Send + 'static> Runner<F>
@@ -138,11 +80,20 @@ where
     F::Output: Send,
 {
     fn drop(&mut self) {
-        // Requests queued but not yet taken in join the running ones, which
-        // `InFlight` hands to a task of their own as it is dropped.
+        // Requests queued but not yet taken in join the running ones, and
+        // all of them go on in a task of their own.
         self.started.close();
         while let Ok(request) = self.started.try_recv() {
             self.running.push(request);
+        }
+        if self.running.is_empty() {
+            return;
+        }
+        // Outside a runtime (the process is ending) there is nowhere to run
+        // them; the daemon's state goes away with the process.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let mut rest = std::mem::take(&mut self.running);
+            rt.spawn(async move { while rest.next().await.is_some() {} });
         }
     }
 }
@@ -199,14 +150,17 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn requests_left_in_a_dropped_set_still_finish() {
+    async fn requests_left_in_a_dropped_runner_still_finish() {
         let finished = Arc::new(AtomicUsize::new(0));
-        let mut set = InFlight::new();
+        let (start, started) = mpsc::unbounded_channel();
+        let (answer, mut answers) = mpsc::unbounded_channel();
         for ms in [10, 100] {
-            set.push(request(ms, &finished));
+            start.send(request(ms, &finished)).unwrap();
         }
-        assert_eq!(set.next().await, Some(10));
-        drop(set);
+        // Polled in this task until one has answered, then dropped.
+        let cut = tokio::time::timeout(Duration::from_millis(50), run_started(started, answer));
+        assert!(cut.await.is_err(), "the runner ended early");
+        assert_eq!(answers.recv().await, Some(10));
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(finished.load(Ordering::SeqCst), 2);
     }

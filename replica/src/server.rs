@@ -7,12 +7,11 @@
 //! for a request it could not fully decode and verify.
 
 use std::future::Future;
-
-use futures::future::{self, Either, FutureExt};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::{self, Either, FutureExt};
 use shorthorn_proto::inflight;
 use shorthorn_proto::{
     EncodedFrame, ErrorCode, FrameReader, FrameWriter, Generation, Hello, LocalCall, LocalFuture,
@@ -461,7 +460,6 @@ async fn answer_and_close<W: tokio::io::AsyncWrite + Unpin>(
     let _ = writer.shutdown().await;
 }
 
-/// Sends replies as they complete, many per syscall when they pile up.
 /// A reply ready to go out, holding the connection's in-flight permit of its
 /// request (if it had one) until it is written: what bounds the memory of
 /// a connection whose peer stops reading.
@@ -484,6 +482,7 @@ impl Answer {
     }
 }
 
+/// Sends replies as they complete, many per syscall when they pile up.
 async fn write_replies<W: tokio::io::AsyncWrite + Unpin>(
     mut writer: FrameWriter<W>,
     mut rx: mpsc::UnboundedReceiver<Answer>,
