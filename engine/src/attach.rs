@@ -53,7 +53,7 @@ impl Starting {
 
     /// Makes the up-to-date replicas identical where writes may have been
     /// in flight, and returns the volume ready to serve, with the recovery
-    /// loop running.
+    /// loop and the pinger running.
     pub async fn finish(self) -> Result<Arc<Volume>, EngineError> {
         let Starting { volume, dirty } = self;
         volume.reconcile(&dirty).await?;
@@ -64,6 +64,7 @@ impl Starting {
             "volume attached"
         );
         volume.clone().spawn_recovery();
+        volume.clone().spawn_pinger();
         Ok(volume)
     }
 }

@@ -52,12 +52,23 @@ fn backoff_bounds(slot: &Slot) -> (Duration, Duration) {
 
 /// Recovery ticks per clean pass.
 const CLEAN_EVERY: u32 = 3;
-/// Recovery ticks between two pings of each replica (5 s): a replica
-/// whose node vanished while the volume was idle (power cut, network
-/// gone: its connection stays open, silent) is out within this plus the
-/// IO timeout, so `volume status` tells the truth before anyone relies on
-/// it, and the next IO does not pay the timeout.
-const PING_EVERY: u32 = 25;
+/// Longest time between two pings of each replica: a replica whose node
+/// vanished while the volume was idle (power cut, network gone: its
+/// connection stays open, silent) is out within this plus the IO timeout,
+/// so `volume status` tells the truth before anyone relies on it, and the
+/// next IO does not pay the timeout.
+const PING_EVERY: Duration = Duration::from_secs(5);
+
+/// Time between two pings of each replica: [`PING_EVERY`], or half the IO
+/// timeout if that is shorter. A replica that answers nothing else still
+/// answers a ping within every IO timeout, which is what a request waiting
+/// on a slower replica needs to see before giving that one up as too slow
+/// (see `replica_client::within`).
+fn ping_every(io_timeout: Duration) -> Duration {
+    PING_EVERY
+        .min(io_timeout / 2)
+        .max(Duration::from_millis(10))
+}
 
 /// How many clean passes a region must go without a write before it is
 /// cleaned, for it to have been idle at least `clean_after`: a write lands
@@ -271,8 +282,6 @@ impl Volume {
             let mut next_try: std::collections::HashMap<String, (Instant, Duration)> =
                 Default::default();
             let mut ticks: u32 = 0;
-            let mut pings: std::collections::HashMap<String, tokio::task::JoinHandle<()>> =
-                Default::default();
             loop {
                 // Waits holding no reference: a stopped engine's volume (and
                 // its sessions with the replicas) goes at once, not a tick
@@ -291,16 +300,6 @@ impl Volume {
                 for slot in v.slots.load().iter() {
                     if slot.takes_writes() && slot.client().is_some_and(|c| c.is_closed()) {
                         v.mark_out(slot, "its connection closed");
-                    }
-                }
-                if ticks.is_multiple_of(PING_EVERY) {
-                    pings.retain(|_, ping| !ping.is_finished());
-                    for slot in v.slots.load().iter() {
-                        if slot.takes_writes() && !pings.contains_key(&slot.addr) {
-                            if let Some(ping) = Volume::ping(&v, slot) {
-                                pings.insert(slot.addr.clone(), ping);
-                            }
-                        }
                     }
                 }
                 if ticks.is_multiple_of(CLEAN_EVERY) {
@@ -334,6 +333,36 @@ impl Volume {
                             let backoff = (backoff * 2).clamp(floor, cap);
                             next_try.insert(slot.addr.clone(), (Instant::now() + backoff, backoff));
                             tracing::debug!(volume = %v.name, replica = %slot.addr, error = %e, ?backoff, "replica not back yet");
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// Starts the task that pings every replica taking writes, every
+    /// [`ping_every`], until the volume is dropped or stops. It runs apart
+    /// from the recovery loop, which a rebuild or a clean waiting on a slow
+    /// replica can hold up for long.
+    pub(crate) fn spawn_pinger(self: Arc<Self>) {
+        let weak = Arc::downgrade(&self);
+        let every = ping_every(self.options.io_timeout);
+        drop(self);
+        tokio::spawn(async move {
+            let mut pings: std::collections::HashMap<String, tokio::task::JoinHandle<()>> =
+                Default::default();
+            loop {
+                // Waits holding no reference, like the recovery loop.
+                tokio::time::sleep(every).await;
+                let Some(v) = weak.upgrade() else { return };
+                if v.check_fenced().is_err() || v.is_stopping() {
+                    return;
+                }
+                pings.retain(|_, ping| !ping.is_finished());
+                for slot in v.slots.load().iter() {
+                    if slot.takes_writes() && !pings.contains_key(&slot.addr) {
+                        if let Some(ping) = Volume::ping(&v, slot) {
+                            pings.insert(slot.addr.clone(), ping);
                         }
                     }
                 }

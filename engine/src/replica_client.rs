@@ -120,6 +120,9 @@ struct Shared {
     /// The other healthy replicas of the volume (see
     /// [`ReplicaClient::set_peers`]); weak, as theirs point back here.
     peers: Mutex<Vec<std::sync::Weak<Shared>>>,
+    /// The replica is a daemon in this process: it cannot fall silent
+    /// while the engine runs, so it is never pinged.
+    local: bool,
 }
 
 /// Nanoseconds since this process first asked: an instant an atomic holds.
@@ -135,7 +138,7 @@ fn clock_at(at: std::time::Instant) -> u64 {
 }
 
 impl Shared {
-    fn new(addr: &str, closed: bool) -> Shared {
+    fn new(addr: &str, closed: bool, local: bool) -> Shared {
         Shared {
             addr: addr.to_string(),
             pending: Mutex::new(HashMap::new()),
@@ -146,6 +149,7 @@ impl Shared {
             next_order: AtomicU64::new(1),
             answered_order: AtomicU64::new(0),
             peers: Mutex::new(Vec::new()),
+            local,
         }
     }
 
@@ -160,14 +164,20 @@ impl Shared {
 
     /// Whether another healthy replica has answered anything since
     /// `since` (a [`clock`] reading): the volume is being served without
-    /// this one.
-    fn others_serving_since(&self, since: u64) -> bool {
+    /// this one. With `alive_after`, that replica must also be known alive
+    /// now: in this process, or having answered after that reading too.
+    /// One that answered since `since` and then fell silent may be gone,
+    /// its silence not noticed yet.
+    fn others_serving_since(&self, since: u64, alive_after: Option<u64>) -> bool {
         self.peers
             .lock()
             .unwrap()
             .iter()
             .filter_map(std::sync::Weak::upgrade)
-            .any(|p| p.last_answer.load(Ordering::Relaxed) > since)
+            .any(|p| {
+                let last = p.last_answer.load(Ordering::Relaxed);
+                last > since && alive_after.is_none_or(|after| p.local || last > after)
+            })
     }
 
     /// How long the replica has sent nothing.
@@ -264,12 +274,13 @@ impl ReplicaClient {
             volume: volume.to_string(),
             generation,
         };
-        let shared = Arc::new(Shared::new(addr, false));
+        let service = local_service(addr);
+        let shared = Arc::new(Shared::new(addr, false, service.is_some()));
         let refused = |error| ClientError::Remote {
             addr: addr.to_string(),
             error,
         };
-        if let Some(service) = local_service(addr) {
+        if let Some(service) = service {
             let (welcome, session) = tokio::time::timeout(timeout, service.hello(hello))
                 .await
                 .map_err(|_| connect_err(format!("no handshake answer within {timeout:?}")))?
@@ -464,7 +475,7 @@ impl PendingCall {
     fn failed(e: ClientError) -> PendingCall {
         PendingCall {
             state: Err(e),
-            shared: Arc::new(Shared::new("", true)),
+            shared: Arc::new(Shared::new("", true, false)),
             timeout: Duration::ZERO,
             queued: Queued::now(0),
         }
@@ -478,7 +489,8 @@ impl PendingCall {
     /// (a slow link, a busy disk; its answers come in order of its work, and
     /// ours may be behind megabytes of others): the request waits on, but
     /// at most [`SLOW_REPLICA_TIMEOUTS`] timeouts after it was queued if
-    /// another healthy replica answered meanwhile ([`ReplicaClient::set_peers`]).
+    /// another healthy replica answered meanwhile ([`ReplicaClient::set_peers`])
+    /// and is still answering then (its pings come every half timeout).
     /// With none, it waits as long as the replica works through what came
     /// before it, and at most [`SLOW_REPLICA_TIMEOUTS`] timeouts after the
     /// replica first answered a request started after it (then it is stuck
@@ -617,7 +629,9 @@ impl Queued {
 /// request waiting [`SLOW_REPLICA_TIMEOUTS`] timeouts while answering
 /// others. Those timeouts count from when the request was queued if
 /// another healthy replica answered since (this one is too slow for the
-/// volume), and otherwise only from when this replica first answered a
+/// volume; given up only once that one has answered after the timeouts
+/// ran out too, or is in this process: proof that it is still there to
+/// serve), and otherwise only from when this replica first answered a
 /// request started after it (this one is stuck at the replica). A deadline
 /// that passes while this process was stalled gives the replica a whole
 /// new start, counted from now: otherwise a laptop waking from suspend,
@@ -667,13 +681,28 @@ fn within<'a, F: std::future::Future + Unpin + 'a>(
             if passed.is_none() && shared.answered_order.load(Ordering::Relaxed) > queued.order {
                 passed = Some(now);
             }
-            let counting_from = if shared.others_serving_since(clock_at(queued.at)) {
+            // Too slow beside another replica: one that answered since this
+            // request was queued and, once the limit has passed, after that
+            // too. One silent since may be gone unnoticed, and giving this
+            // replica up would then leave the volume none: until it answers
+            // (its pings come every half timeout) or is dropped, this one
+            // is judged as if alone, and looked at every quarter timeout.
+            let queued_at = clock_at(queued.at);
+            let over = since + limit;
+            let alive_after = (now >= over).then(|| clock_at(over));
+            let beside = shared.others_serving_since(queued_at, alive_after);
+            let recheck = if !beside && shared.others_serving_since(queued_at, None) {
+                timeout / 4
+            } else {
+                Duration::MAX
+            };
+            let counting_from = if beside {
                 since
             } else if let Some(passed) = passed {
                 passed.max(since)
             } else {
                 // Alone, and working through what came before this request.
-                wait = next;
+                wait = next.min(recheck);
                 continue;
             };
             let counted = now.saturating_duration_since(counting_from);
@@ -682,7 +711,7 @@ fn within<'a, F: std::future::Future + Unpin + 'a>(
                 let waited = now.saturating_duration_since(since);
                 return Err(ClientError::TooSlow { addr, waited });
             }
-            wait = next.min(limit - counted);
+            wait = next.min(limit - counted).min(recheck);
         }
     }
 }
@@ -940,10 +969,17 @@ mod tests {
     /// something every 50 ms from now until `until` has passed; without,
     /// the client's replica is its volume's only healthy one.
     fn peer_serving(client: &ReplicaClient, serving: bool, until: Duration) {
-        if !serving {
-            return;
+        if serving {
+            peer_answering(client, &[(Duration::ZERO, until)]);
         }
-        let peer = Arc::new(Shared::new("peer", false));
+    }
+
+    /// Gives `client` a healthy peer replica (on another node) that answers
+    /// something every 50 ms within each of `windows` (from, until; counted
+    /// from now) and is silent between and after them. It stays in the
+    /// volume's healthy set for the test's [`LIMIT`].
+    fn peer_answering(client: &ReplicaClient, windows: &[(Duration, Duration)]) {
+        let peer = Arc::new(Shared::new("peer", false, false));
         client
             .shared
             .peers
@@ -951,10 +987,17 @@ mod tests {
             .unwrap()
             .push(Arc::downgrade(&peer));
         let started = std::time::Instant::now();
+        let windows = windows.to_vec();
         tokio::spawn(async move {
-            while started.elapsed() < until {
+            while started.elapsed() < LIMIT {
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                peer.answered();
+                let at = started.elapsed();
+                if windows
+                    .iter()
+                    .any(|&(from, until)| at >= from && at < until)
+                {
+                    peer.answered();
+                }
             }
         });
     }
@@ -1182,15 +1225,21 @@ mod tests {
 
     /// Starts 15 pings, then a read, to an [`in_order_replica`] answering
     /// one every half timeout: the read's answer comes after 8 timeouts,
-    /// with the replica answering all along. How it ended, and when.
-    async fn read_behind_a_backlog(serving: bool) -> (Result<Reply, ClientError>, Duration) {
+    /// with the replica answering all along. A peer replica answers within
+    /// `peer_windows` ([`peer_answering`]); none if empty. How it ended,
+    /// and when.
+    async fn read_behind_a_backlog(
+        peer_windows: &[(Duration, Duration)],
+    ) -> (Result<Reply, ClientError>, Duration) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let fake = tokio::spawn(in_order_replica(listener, T / 2));
         let client = ReplicaClient::connect(&addr, "test", "v", Generation(1), T)
             .await
             .unwrap();
-        peer_serving(&client, serving, LIMIT);
+        if !peer_windows.is_empty() {
+            peer_answering(&client, peer_windows);
+        }
         let started = std::time::Instant::now();
         let backlog: Vec<PendingCall> = (0..15).map(|_| client.start(Request::Ping)).collect();
         let read = client.start(Request::Read {
@@ -1211,7 +1260,7 @@ mod tests {
     /// into failed IO.
     #[tokio::test]
     async fn alone_a_replica_working_through_a_backlog_is_waited_for() {
-        let (result, took) = read_behind_a_backlog(false).await;
+        let (result, took) = read_behind_a_backlog(&[]).await;
         assert!(matches!(result, Ok(Reply::Data(_))), "{result:?}");
         assert!(took >= 7 * T, "answered after {took:?}: no backlog");
     }
@@ -1220,7 +1269,29 @@ mod tests {
     /// too slow for it: given up three timeouts after the request.
     #[tokio::test]
     async fn a_replica_working_through_a_backlog_is_too_slow_beside_a_serving_one() {
-        let (result, took) = read_behind_a_backlog(true).await;
+        let (result, took) = read_behind_a_backlog(&[(Duration::ZERO, LIMIT)]).await;
         assert_too_slow_after(&result, took, T * SLOW_REPLICA_TIMEOUTS);
+    }
+
+    /// The same, but the serving replica falls silent before the request
+    /// has waited three timeouts (its node lost power, say, with nothing
+    /// of its own in flight): it may be gone, its silence not noticed yet,
+    /// and giving up the slow one would leave the volume no replica. The
+    /// slow one is waited for as if alone, and answers.
+    #[tokio::test]
+    async fn a_slow_replica_is_kept_while_the_one_serving_beside_it_is_silent() {
+        let (result, took) = read_behind_a_backlog(&[(Duration::ZERO, 2 * T)]).await;
+        assert!(matches!(result, Ok(Reply::Data(_))), "{result:?}");
+        assert!(took >= 7 * T, "answered after {took:?}: no backlog");
+    }
+
+    /// A serving replica that was only quiet (nothing to answer until its
+    /// next ping) and answers again proves itself alive: the slow one is
+    /// then given up as too slow at once.
+    #[tokio::test]
+    async fn a_slow_replica_is_too_slow_once_the_quiet_one_beside_it_answers_again() {
+        let windows = [(Duration::ZERO, 2 * T), (5 * T, LIMIT)];
+        let (result, took) = read_behind_a_backlog(&windows).await;
+        assert_too_slow_after(&result, took, 5 * T);
     }
 }
