@@ -450,9 +450,9 @@ fn a_replica_too_slow_for_three_timeouts_is_dropped() {
                 .is_some_and(|e| e.contains("too slow")),
             "status hides why B is out: {b:#}"
         );
-        // The writes waiting for B waited three timeouts, then for A's next
-        // answer (its pings come every half timeout, looked for every
-        // quarter) and whatever saving the new membership on A takes.
+        // The writes waiting for B waited three timeouts, then for A to
+        // answer the ping that asks whether it still serves, and for
+        // whatever saving the new membership on A takes.
         let waited = worst(&report, "write");
         eprintln!("worst write before B was dropped: {waited:?}");
         assert!(

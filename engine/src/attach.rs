@@ -56,6 +56,7 @@ impl Starting {
     /// loop and the pinger running.
     pub async fn finish(self) -> Result<Arc<Volume>, EngineError> {
         let Starting { volume, dirty } = self;
+        volume.clone().spawn_pinger();
         volume.reconcile(&dirty).await?;
         volume.started();
         info!(
@@ -64,7 +65,6 @@ impl Starting {
             "volume attached"
         );
         volume.clone().spawn_recovery();
-        volume.clone().spawn_pinger();
         Ok(volume)
     }
 }

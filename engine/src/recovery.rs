@@ -52,23 +52,13 @@ fn backoff_bounds(slot: &Slot) -> (Duration, Duration) {
 
 /// Recovery ticks per clean pass.
 const CLEAN_EVERY: u32 = 3;
-/// Longest time between two pings of each replica: a replica whose node
-/// vanished while the volume was idle (power cut, network gone: its
-/// connection stays open, silent) is out within this plus the IO timeout,
-/// so `volume status` tells the truth before anyone relies on it, and the
-/// next IO does not pay the timeout.
+/// Time between two pings of each replica: a replica whose node vanished
+/// while the volume was idle (power cut, network gone: its connection
+/// stays open, silent) is out within this plus the IO timeout, so `volume
+/// status` tells the truth before anyone relies on it, and the next IO
+/// does not pay the timeout. A request that has waited its limit on a slow
+/// replica asks for pings at once ([`Volume::ping_now`]).
 const PING_EVERY: Duration = Duration::from_secs(5);
-
-/// Time between two pings of each replica: [`PING_EVERY`], or half the IO
-/// timeout if that is shorter. A replica that answers nothing else still
-/// answers a ping within every IO timeout, which is what a request waiting
-/// on a slower replica needs to see before giving that one up as too slow
-/// (see `replica_client::within`).
-fn ping_every(io_timeout: Duration) -> Duration {
-    PING_EVERY
-        .min(io_timeout / 2)
-        .max(Duration::from_millis(10))
-}
 
 /// How many clean passes a region must go without a write before it is
 /// cleaned, for it to have been idle at least `clean_after`: a write lands
@@ -341,21 +331,25 @@ impl Volume {
     }
 
     /// Starts the task that pings every replica taking writes, every
-    /// [`ping_every`], until the volume is dropped or stops. It runs apart
-    /// from the recovery loop, which a rebuild or a clean waiting on a slow
-    /// replica can hold up for long.
+    /// [`PING_EVERY`] and whenever asked ([`Volume::ping_now`]), until the
+    /// volume is dropped or fenced: from the start's comparison to the last
+    /// flush of a stop. It runs apart from the recovery loop, which a
+    /// rebuild or a clean waiting on a slow replica can hold up for long.
     pub(crate) fn spawn_pinger(self: Arc<Self>) {
         let weak = Arc::downgrade(&self);
-        let every = ping_every(self.options.io_timeout);
+        let asked = self.ping_now.clone();
         drop(self);
         tokio::spawn(async move {
             let mut pings: std::collections::HashMap<String, tokio::task::JoinHandle<()>> =
                 Default::default();
             loop {
                 // Waits holding no reference, like the recovery loop.
-                tokio::time::sleep(every).await;
+                tokio::select! {
+                    _ = asked.notified() => {}
+                    _ = tokio::time::sleep(PING_EVERY) => {}
+                }
                 let Some(v) = weak.upgrade() else { return };
-                if v.check_fenced().is_err() || v.is_stopping() {
+                if v.check_fenced().is_err() {
                     return;
                 }
                 pings.retain(|_, ping| !ping.is_finished());

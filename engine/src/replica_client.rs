@@ -120,9 +120,12 @@ struct Shared {
     /// The other healthy replicas of the volume (see
     /// [`ReplicaClient::set_peers`]); weak, as theirs point back here.
     peers: Mutex<Vec<std::sync::Weak<Shared>>>,
-    /// The replica is a daemon in this process: it cannot fall silent
-    /// while the engine runs, so it is never pinged.
+    /// The replica is a daemon in this process: its connection cannot fall
+    /// silent while the engine runs, so it is never pinged.
     local: bool,
+    /// Asks the volume's pinger to ping every replica now (see
+    /// [`ReplicaClient::set_peers`]).
+    ping_peers: Mutex<Option<Arc<tokio::sync::Notify>>>,
 }
 
 /// Nanoseconds since this process first asked: an instant an atomic holds.
@@ -150,6 +153,7 @@ impl Shared {
             answered_order: AtomicU64::new(0),
             peers: Mutex::new(Vec::new()),
             local,
+            ping_peers: Mutex::new(None),
         }
     }
 
@@ -176,8 +180,17 @@ impl Shared {
             .filter_map(std::sync::Weak::upgrade)
             .any(|p| {
                 let last = p.last_answer.load(Ordering::Relaxed);
-                last > since && alive_after.is_none_or(|after| p.local || last > after)
+                !p.is_closed.load(Ordering::Acquire)
+                    && last > since
+                    && alive_after.is_none_or(|after| p.local || last > after)
             })
+    }
+
+    /// Asks for the other replicas to be pinged now.
+    fn ask_peers_to_answer(&self) {
+        if let Some(ping) = self.ping_peers.lock().unwrap().as_ref() {
+            ping.notify_one();
+        }
     }
 
     /// How long the replica has sent nothing.
@@ -424,10 +437,15 @@ impl ReplicaClient {
     /// answered gives it up as too slow: the volume goes on at their speed.
     /// With none serving, giving up would only turn a slow write into a
     /// failed one, so the request waits as long as the replica works
-    /// through what came before it (see [`PendingCall::wait`]).
-    pub fn set_peers(&self, peers: &[&ReplicaClient]) {
+    /// through what came before it (see [`PendingCall::wait`]). The
+    /// other one counts as serving only while it still answers: past its
+    /// limit, a request asks through `ping` for every replica to be pinged,
+    /// and gives this one up once the other has answered (or at once if
+    /// the other is a daemon in this process).
+    pub fn set_peers(&self, peers: &[&ReplicaClient], ping: &Arc<tokio::sync::Notify>) {
         *self.shared.peers.lock().unwrap() =
             peers.iter().map(|c| Arc::downgrade(&c.shared)).collect();
+        *self.shared.ping_peers.lock().unwrap() = Some(ping.clone());
     }
 
     /// Closes the connection now: later calls fail at once, and so do
@@ -489,8 +507,8 @@ impl PendingCall {
     /// (a slow link, a busy disk; its answers come in order of its work, and
     /// ours may be behind megabytes of others): the request waits on, but
     /// at most [`SLOW_REPLICA_TIMEOUTS`] timeouts after it was queued if
-    /// another healthy replica answered meanwhile ([`ReplicaClient::set_peers`])
-    /// and is still answering then (its pings come every half timeout).
+    /// another healthy replica answered meanwhile and still answers then
+    /// ([`ReplicaClient::set_peers`]: it is pinged at once to find out).
     /// With none, it waits as long as the replica works through what came
     /// before it, and at most [`SLOW_REPLICA_TIMEOUTS`] timeouts after the
     /// replica first answered a request started after it (then it is stuck
@@ -653,6 +671,8 @@ fn within<'a, F: std::future::Future + Unpin + 'a>(
         let mut since = queued.at;
         // When the replica was first seen past this request.
         let mut passed: Option<std::time::Instant> = None;
+        // Whether the other replicas were asked to answer (see below).
+        let mut asked = false;
         let mut wait = timeout;
         loop {
             let started = std::time::Instant::now();
@@ -683,16 +703,21 @@ fn within<'a, F: std::future::Future + Unpin + 'a>(
             }
             // Too slow beside another replica: one that answered since this
             // request was queued and, once the limit has passed, after that
-            // too. One silent since may be gone unnoticed, and giving this
-            // replica up would then leave the volume none: until it answers
-            // (its pings come every half timeout) or is dropped, this one
-            // is judged as if alone, and looked at every quarter timeout.
+            // too. One silent since may be gone unnoticed (nothing of its own
+            // in flight), and giving this replica up would then leave the
+            // volume none. So it is pinged at once; until it answers, or is
+            // dropped for its silence, this one is judged as if alone and
+            // looked at every eighth of a timeout.
             let queued_at = clock_at(queued.at);
             let over = since + limit;
             let alive_after = (now >= over).then(|| clock_at(over));
             let beside = shared.others_serving_since(queued_at, alive_after);
             let recheck = if !beside && shared.others_serving_since(queued_at, None) {
-                timeout / 4
+                if !asked {
+                    shared.ask_peers_to_answer();
+                    asked = true;
+                }
+                timeout / 8
             } else {
                 Duration::MAX
             };
@@ -1227,10 +1252,10 @@ mod tests {
     /// one every half timeout: the read's answer comes after 8 timeouts,
     /// with the replica answering all along. A peer replica answers within
     /// `peer_windows` ([`peer_answering`]); none if empty. How it ended,
-    /// and when.
+    /// when, and whether the peers were asked to answer (pinged).
     async fn read_behind_a_backlog(
         peer_windows: &[(Duration, Duration)],
-    ) -> (Result<Reply, ClientError>, Duration) {
+    ) -> (Result<Reply, ClientError>, Duration, bool) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let fake = tokio::spawn(in_order_replica(listener, T / 2));
@@ -1240,6 +1265,8 @@ mod tests {
         if !peer_windows.is_empty() {
             peer_answering(&client, peer_windows);
         }
+        let ping = Arc::new(tokio::sync::Notify::new());
+        *client.shared.ping_peers.lock().unwrap() = Some(ping.clone());
         let started = std::time::Instant::now();
         let backlog: Vec<PendingCall> = (0..15).map(|_| client.start(Request::Ping)).collect();
         let read = client.start(Request::Read {
@@ -1251,7 +1278,10 @@ mod tests {
         drop(backlog);
         drop(client);
         fake.abort();
-        (result, took)
+        let asked = tokio::time::timeout(Duration::ZERO, ping.notified())
+            .await
+            .is_ok();
+        (result, took, asked)
     }
 
     /// The volume's only healthy replica, behind a link that makes every
@@ -1260,7 +1290,7 @@ mod tests {
     /// into failed IO.
     #[tokio::test]
     async fn alone_a_replica_working_through_a_backlog_is_waited_for() {
-        let (result, took) = read_behind_a_backlog(&[]).await;
+        let (result, took, _) = read_behind_a_backlog(&[]).await;
         assert!(matches!(result, Ok(Reply::Data(_))), "{result:?}");
         assert!(took >= 7 * T, "answered after {took:?}: no backlog");
     }
@@ -1269,7 +1299,7 @@ mod tests {
     /// too slow for it: given up three timeouts after the request.
     #[tokio::test]
     async fn a_replica_working_through_a_backlog_is_too_slow_beside_a_serving_one() {
-        let (result, took) = read_behind_a_backlog(&[(Duration::ZERO, LIMIT)]).await;
+        let (result, took, _) = read_behind_a_backlog(&[(Duration::ZERO, LIMIT)]).await;
         assert_too_slow_after(&result, took, T * SLOW_REPLICA_TIMEOUTS);
     }
 
@@ -1280,18 +1310,19 @@ mod tests {
     /// slow one is waited for as if alone, and answers.
     #[tokio::test]
     async fn a_slow_replica_is_kept_while_the_one_serving_beside_it_is_silent() {
-        let (result, took) = read_behind_a_backlog(&[(Duration::ZERO, 2 * T)]).await;
+        let (result, took, asked) = read_behind_a_backlog(&[(Duration::ZERO, 2 * T)]).await;
         assert!(matches!(result, Ok(Reply::Data(_))), "{result:?}");
         assert!(took >= 7 * T, "answered after {took:?}: no backlog");
+        assert!(asked, "the silent replica was not pinged to find out");
     }
 
     /// A serving replica that was only quiet (nothing to answer until its
     /// next ping) and answers again proves itself alive: the slow one is
-    /// then given up as too slow at once.
+    /// then given up as too slow within an eighth of a timeout.
     #[tokio::test]
     async fn a_slow_replica_is_too_slow_once_the_quiet_one_beside_it_answers_again() {
         let windows = [(Duration::ZERO, 2 * T), (5 * T, LIMIT)];
-        let (result, took) = read_behind_a_backlog(&windows).await;
+        let (result, took, _) = read_behind_a_backlog(&windows).await;
         assert_too_slow_after(&result, took, 5 * T);
     }
 }

@@ -73,6 +73,10 @@ pub struct Volume {
     /// Wakes the recovery loop (a replica went out, or was added). Shared
     /// so the loop can wait on it without keeping the volume alive.
     pub(crate) wake: Arc<Notify>,
+    /// Asks the pinger to ping every replica now: a request that waited
+    /// its limit on a slow replica needs to know whether the other one is
+    /// still there ([`ReplicaClient::set_peers`]).
+    pub(crate) ping_now: Arc<Notify>,
     pub(crate) stats: RecoveryStats,
     /// Set until the start is finished ([`crate::attach::Starting`]): the
     /// volume is claimed but not served yet, and its membership is not
@@ -124,6 +128,7 @@ impl Volume {
                 durable: Membership::default(),
             }),
             wake: Arc::new(Notify::new()),
+            ping_now: Arc::new(Notify::new()),
             stats: RecoveryStats::default(),
             starting: AtomicBool::new(true),
             stopping: AtomicBool::new(false),
@@ -237,7 +242,7 @@ impl Volume {
                     .filter(|(h, _)| !Arc::ptr_eq(h, s))
                     .map(|(_, c)| &**c)
                     .collect();
-                c.set_peers(&peers);
+                c.set_peers(&peers, &self.ping_now);
             }
         }
     }
