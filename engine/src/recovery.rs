@@ -332,9 +332,10 @@ impl Volume {
 
     /// Starts the task that pings every replica taking writes, every
     /// [`PING_EVERY`] and whenever asked ([`Volume::ping_now`]), until the
-    /// volume is dropped or fenced: from the start's comparison to the last
-    /// flush of a stop. It runs apart from the recovery loop, which a
-    /// rebuild or a clean waiting on a slow replica can hold up for long.
+    /// volume is dropped or fenced: from the start's comparison until the
+    /// engine lets the volume go. It runs apart from the recovery loop,
+    /// which a rebuild or a clean waiting on a slow replica can hold up for
+    /// long.
     pub(crate) fn spawn_pinger(self: Arc<Self>) {
         let weak = Arc::downgrade(&self);
         let asked = self.ping_now.clone();
@@ -371,9 +372,18 @@ impl Volume {
     fn ping(volume: &Arc<Volume>, slot: &Arc<Slot>) -> Option<tokio::task::JoinHandle<()>> {
         let client = slot.client().filter(|c| !c.is_local())?;
         let (weak, slot) = (Arc::downgrade(volume), slot.clone());
+        // The wait holds the call, not the client: a ping in flight never
+        // keeps a connection open after the engine has let the volume go
+        // (the replica would still count it attached, and refuse to delete
+        // the volume).
+        let call = client.start(Request::Ping);
+        let client = Arc::downgrade(&client);
         Some(tokio::spawn(async move {
-            let answer = client.call(Request::Ping).await;
+            let answer = call.wait().await;
             let Some(v) = weak.upgrade() else { return };
+            let Some(client) = client.upgrade() else {
+                return;
+            };
             // Only if the slot still uses this connection: a replica
             // reconnected meanwhile has answered on its new one.
             let current = slot.client().is_some_and(|c| Arc::ptr_eq(&c, &client));

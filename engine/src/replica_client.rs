@@ -671,8 +671,6 @@ fn within<'a, F: std::future::Future + Unpin + 'a>(
         let mut since = queued.at;
         // When the replica was first seen past this request.
         let mut passed: Option<std::time::Instant> = None;
-        // Whether the other replicas were asked to answer (see below).
-        let mut asked = false;
         let mut wait = timeout;
         loop {
             let started = std::time::Instant::now();
@@ -705,18 +703,16 @@ fn within<'a, F: std::future::Future + Unpin + 'a>(
             // request was queued and, once the limit has passed, after that
             // too. One silent since may be gone unnoticed (nothing of its own
             // in flight), and giving this replica up would then leave the
-            // volume none. So it is pinged at once; until it answers, or is
-            // dropped for its silence, this one is judged as if alone and
-            // looked at every eighth of a timeout.
+            // volume none. So it is pinged at once (asked again at every
+            // look: the asks fold into one); until it answers, or is dropped
+            // for its silence, this one is judged as if alone and looked at
+            // every eighth of a timeout.
             let queued_at = clock_at(queued.at);
             let over = since + limit;
             let alive_after = (now >= over).then(|| clock_at(over));
             let beside = shared.others_serving_since(queued_at, alive_after);
             let recheck = if !beside && shared.others_serving_since(queued_at, None) {
-                if !asked {
-                    shared.ask_peers_to_answer();
-                    asked = true;
-                }
+                shared.ask_peers_to_answer();
                 timeout / 8
             } else {
                 Duration::MAX
