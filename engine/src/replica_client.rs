@@ -166,24 +166,24 @@ impl Shared {
         self.answered_order.fetch_max(order, Ordering::Relaxed);
     }
 
-    /// Whether another healthy replica has answered anything since
-    /// `since` (a [`clock`] reading): the volume is being served without
-    /// this one. With `alive_after`, that replica must also be known alive
-    /// now: in this process, or having answered after that reading too.
-    /// One that answered since `since` and then fell silent may be gone,
-    /// its silence not noticed yet.
-    fn others_serving_since(&self, since: u64, alive_after: Option<u64>) -> bool {
-        self.peers
-            .lock()
-            .unwrap()
+    /// Whether another healthy replica, its connection open, has answered
+    /// anything since `since` (a [`clock`] reading): the volume is being
+    /// served without this one. None if none has; else whether one of them
+    /// is also known alive now (always, without `alive_after`): in this
+    /// process, or having answered after that reading too. One that
+    /// answered since `since` and then fell silent may be gone, its silence
+    /// not noticed yet.
+    fn others_serving_since(&self, since: u64, alive_after: Option<u64>) -> Option<bool> {
+        let peers = self.peers.lock().unwrap();
+        let serving = peers
             .iter()
             .filter_map(std::sync::Weak::upgrade)
-            .any(|p| {
+            .filter(|p| !p.is_closed.load(Ordering::Acquire))
+            .filter_map(|p| {
                 let last = p.last_answer.load(Ordering::Relaxed);
-                !p.is_closed.load(Ordering::Acquire)
-                    && last > since
-                    && alive_after.is_none_or(|after| p.local || last > after)
-            })
+                (last > since).then(|| alive_after.is_none_or(|after| p.local || last > after))
+            });
+        serving.reduce(|a, b| a || b)
     }
 
     /// Asks for the other replicas to be pinged now.
@@ -710,8 +710,9 @@ fn within<'a, F: std::future::Future + Unpin + 'a>(
             let queued_at = clock_at(queued.at);
             let over = since + limit;
             let alive_after = (now >= over).then(|| clock_at(over));
-            let beside = shared.others_serving_since(queued_at, alive_after);
-            let recheck = if !beside && shared.others_serving_since(queued_at, None) {
+            let serving = shared.others_serving_since(queued_at, alive_after);
+            let beside = serving == Some(true);
+            let recheck = if serving == Some(false) {
                 shared.ask_peers_to_answer();
                 timeout / 8
             } else {
